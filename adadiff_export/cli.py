@@ -1,0 +1,85 @@
+"""Command line: one sub-command per job, each in its own function.
+
+Errors that users can fix (bad checkpoint, missing data, bad flags) print one
+line on stderr and exit with status 2; nothing is half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a U-ViT with AdaDiff's joint loss",
+        description="Train a U-ViT with AdaDiff uncertainty modules. The joint loss is "
+                    "L_simple + lambda*L_u + beta*L_UAL; --loss simple trains the plain baseline. "
+                    "Under torchrun it trains data-parallel (gloo on CPU).")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for ckpt.pt, log.jsonl and sample grids")
+    p.add_argument("--config", default="small", help="named model config: tiny, small, uvit-s-cifar10, uvit-s-celeba64")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist', an .npz file or a folder of images")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in total (resume continues to this count)")
+    p.add_argument("--batch-size", type=int, default=128, help="per-process batch size")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.9995)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--loss", choices=["joint", "simple"], default="joint")
+    p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the uncertainty regression term L_u")
+    p.add_argument("--beta-ual", type=float, default=1.0, help="weight of the uncertainty-aware layer-wise term L_UAL")
+    p.add_argument("--init", type=Path, help="start from this (plain) checkpoint's weights: the paper's fine-tuning recipe")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the periodic sample grids (stored as the default)")
+    p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps (0: never)")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop and save after this much wall time (0: no limit)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .losses import LossConfig
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=a.out, config=a.config, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+        warmup=a.warmup, ema_decay=a.ema_decay, grad_clip=a.grad_clip,
+        loss=LossConfig(a.loss, a.lambda_u, a.beta_ual), init=a.init, resume=a.resume, seed=a.seed,
+        guidance=a.guidance, sample_every=a.sample_every, save_every=a.save_every, threads=a.threads,
+        max_minutes=a.max_minutes,
+    )
+    path = train(cfg)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+# Each entry adds one sub-command; heavy imports happen inside the commands.
+_SUBCOMMANDS: List[Callable] = [_add_train]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m adadiff_export",
+        description="AdaDiff early-exit diffusion: train, sample, evaluate, and export to per-layer engines.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for fn in _SUBCOMMANDS:
+        fn(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, DataError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

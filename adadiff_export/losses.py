@@ -1,0 +1,80 @@
+"""AdaDiff's joint loss: L_simple + lambda * L_u + beta * L_UAL (shared/DESIGN.md section 1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .model import UViT
+from .schedule import VPSchedule
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = "joint"       # "joint" or "simple"
+    lambda_u: float = 1.0     # weight of the uncertainty regression term
+    beta_ual: float = 1.0     # weight of the uncertainty-aware layer-wise term
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("joint", "simple"):
+            raise ValueError(f"loss must be 'joint' or 'simple', got {self.kind!r}")
+
+
+def joint_loss_terms(eps_layers, u_maps, noise: Tensor) -> Dict[str, Tensor]:
+    """The three terms from per-layer predictions eps_i and uncertainty maps u_i.
+
+    L_simple = mean((eps_N - eps)^2)
+    L_u      = sum_i mean((u_i - tanh|eps_i - eps|)^2), pseudo label detached
+    L_UAL    = sum_{i<N} mean((1 - u_i) * (eps_i - eps)^2)
+    """
+    n = len(eps_layers)
+    simple = torch.mean((eps_layers[-1] - noise) ** 2)
+    l_u = noise.new_zeros(())
+    l_ual = noise.new_zeros(())
+    for i in range(n):
+        err = eps_layers[i] - noise
+        target = torch.tanh(err.abs()).detach()
+        l_u = l_u + torch.mean((u_maps[i] - target) ** 2)
+        if i < n - 1:
+            l_ual = l_ual + torch.mean((1 - u_maps[i]) * err ** 2)
+    return {"simple": simple, "u": l_u, "ual": l_ual}
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    base: UViT,
+    schedule: VPSchedule,
+    x0: Tensor,
+    y: Optional[Tensor],
+    cfg: LossConfig,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, Tensor]:
+    """Sample t and noise, run the model, return the loss terms and `total`.
+
+    `model` is what is called (possibly a DDP wrapper around an `AllLayers(base)`
+    for the joint loss, or around `base` for the simple one).
+    """
+    b = x0.shape[0]
+    t = torch.rand(b, generator=generator) * (1 - schedule.t_eps) + schedule.t_eps
+    noise = torch.randn(x0.shape, generator=generator)
+    xt = schedule.add_noise(x0, t, noise)
+    if cfg.kind == "simple":
+        simple = torch.mean((model(xt, t, y) - noise) ** 2)
+        return {"simple": simple, "total": simple}
+    out = model(xt, t, y)
+    terms = joint_loss_terms(out.eps_layers, out.u_maps, noise)
+    terms["total"] = terms["simple"] + cfg.lambda_u * terms["u"] + cfg.beta_ual * terms["ual"]
+    return terms
+
+
+class AllLayers(torch.nn.Module):
+    """Makes `forward_all_layers` the module's forward, so DDP's hooks see it."""
+
+    def __init__(self, base: UViT) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None):
+        return self.base.forward_all_layers(x, t, y)
