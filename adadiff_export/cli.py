@@ -56,8 +56,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-# Each entry adds one sub-command; heavy imports happen inside the commands.
-_SUBCOMMANDS: List[Callable] = [_add_train]
+def _subcommands() -> List[Callable]:
+    """Each entry adds one sub-command parser. Command modules import heavy things lazily."""
+    return [_add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m adadiff_export",
         description="AdaDiff early-exit diffusion: train, sample, evaluate, and export to per-layer engines.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for fn in _SUBCOMMANDS:
+    for fn in _subcommands():
         fn(sub)
     return parser
 
