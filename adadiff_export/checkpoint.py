@@ -21,7 +21,7 @@ from .schedule import VPSchedule
 
 FORMAT = "adadiff-checkpoint"
 VERSION = 1
-PACKAGE_DATA = Path(__file__).parent / "data"
+PACKAGE_DATA = Path(__file__).parent / "weights"
 SHIPPED_CHECKPOINT = PACKAGE_DATA / "fashion_small.pt"
 SHIPPED_CLASSIFIER = PACKAGE_DATA / "fashion_classifier.pt"
 
