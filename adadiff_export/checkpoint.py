@@ -84,9 +84,13 @@ def load(path: Optional[Path] = None, use_ema: bool = True) -> Loaded:
 
 def save(payload: Dict[str, Any], path: Path) -> None:
     """Write atomically (temporary file + rename) so a crash never leaves half a checkpoint."""
+    write_atomic({"format": FORMAT, "version": VERSION, **payload}, path)
+
+
+def write_atomic(payload: Dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **payload}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:

@@ -58,7 +58,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _subcommands() -> List[Callable]:
     """Each entry adds one sub-command parser. Command modules import heavy things lazily."""
-    return [_add_train]
+    from . import classifier
+    return [_add_train, classifier.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

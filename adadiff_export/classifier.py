@@ -1,0 +1,194 @@
+"""A small Fashion-MNIST classifier: the feature space of the project's quality measures.
+
+Its penultimate layer (`features`, 128 values per image) is where FD (the Frechet distance
+between generated and real images) is computed, and its logits give the class accuracy of
+class-conditional samples. FD in this space is NOT Inception FID: the numbers are only
+comparable with other FDs measured with the same shipped classifier.
+
+The shipped file (`adadiff_export/weights/fashion_classifier.pt`) is a plain dict loadable with
+`weights_only=True`: {"format": "adadiff-classifier", "version": 1, "config": {...},
+"weights": state_dict, "test_accuracy": float, "test_features": {"mean": [F], "cov": [F, F],
+"n": int}, "provenance": {...}}.
+
+Train it again with `python -m adadiff_export classifier --out PATH`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import write_atomic
+
+FORMAT = "adadiff-classifier"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Shape of the CNN: three conv stages, global average pooling, one hidden linear layer."""
+
+    in_chans: int = 1
+    img_size: int = 28
+    num_classes: int = 10
+    width: int = 32
+    feature_dim: int = 128
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class FashionClassifier(nn.Module):
+    """conv-pool, conv-conv-pool, conv, global average pool, linear (features), linear (logits)."""
+
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+
+        def conv(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(
+            conv(config.in_chans, w), nn.MaxPool2d(2),
+            conv(w, 2 * w), conv(2 * w, 2 * w), nn.MaxPool2d(2),
+            conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Sequential(nn.Linear(4 * w, config.feature_dim), nn.ReLU())
+        self.out = nn.Linear(config.feature_dim, config.num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1], [N, C, H, W] -> penultimate-layer features [N, feature_dim]."""
+        return self.fc(self.body(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] -> class logits [N, num_classes]."""
+        return self.out(self.features(x))
+
+
+@dataclass
+class ClassifierTrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int = 1
+
+
+def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random horizontal flips (clothes are left-right symmetric enough) and 2-pixel shifts."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+
+
+@torch.no_grad()
+def predict_in_batches(fn, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Apply `fn` to `images` in chunks and concatenate (bounded memory)."""
+    return torch.cat([fn(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def accuracy(model: FashionClassifier, images: Tensor, labels: Tensor) -> float:
+    """Fraction of images whose arg-max class equals the label."""
+    model.eval()
+    pred = predict_in_batches(model, images).argmax(dim=1)
+    return float((pred == labels).float().mean())
+
+
+@torch.no_grad()
+def feature_stats(model: FashionClassifier, images: Tensor) -> Dict[str, Any]:
+    """Mean [F] and covariance [F, F] (float64) of the features of `images`."""
+    model.eval()
+    f = predict_in_batches(model.features, images).double()
+    return {"mean": f.mean(dim=0), "cov": torch.cov(f.T), "n": int(f.shape[0])}
+
+
+def train_classifier(train_images: Tensor, train_labels: Tensor, cfg: ClassifierTrainConfig = ClassifierTrainConfig(),
+                     config: ClassifierConfig = ClassifierConfig(), progress: bool = True) -> FashionClassifier:
+    """Train with AdamW and a cosine learning rate; returns the model in eval mode."""
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = FashionClassifier(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = train_images.shape[0]
+    per_epoch = n // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * per_epoch)
+    bar = tqdm(total=cfg.epochs * per_epoch, desc="classifier", disable=not progress, dynamic_ncols=True)
+    model.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for b in range(per_epoch):
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = _augment(train_images[idx], gen)
+            loss = F.cross_entropy(model(x), train_labels[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            if b % 50 == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    return model.eval()
+
+
+def save_classifier(model: FashionClassifier, path: Path, test_accuracy: float, stats: Dict[str, Any],
+                    provenance: Dict[str, Any]) -> None:
+    """Write atomically a weights_only-loadable dict (float32 weights, float64 feature statistics)."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "test_accuracy": float(test_accuracy),
+        "test_features": {"mean": stats["mean"].clone(), "cov": stats["cov"].clone(), "n": int(stats["n"])},
+        "provenance": provenance,
+    }
+    write_atomic(payload, path)
+
+
+def add_parser(sub) -> None:
+    """`python -m adadiff_export classifier`: train the quality-measure classifier and store test-set statistics."""
+    p = sub.add_parser(
+        "classifier", help="train the Fashion-MNIST classifier used for accuracy and FD",
+        description="Train the small CNN whose features define FD (the Frechet distance in THIS "
+                    "classifier's feature space, not Inception FID) and whose logits give class accuracy. "
+                    "Stores the weights with the real test set's feature mean and covariance.")
+    p.add_argument("--out", type=Path, required=True, help="file to write (the shipped one is adadiff_export/weights/fashion_classifier.pt)")
+    p.add_argument("--epochs", type=int, default=ClassifierTrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=ClassifierTrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=ClassifierTrainConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(func=_cmd_classifier)
+
+
+def _cmd_classifier(a: argparse.Namespace) -> int:
+    import platform
+
+    from .data import load_fashion_mnist
+
+    train = load_fashion_mnist("train")
+    test = load_fashion_mnist("test")
+    cfg = ClassifierTrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads)
+    start = time.time()
+    model = train_classifier(train.images, train.labels, cfg)
+    minutes = (time.time() - start) / 60
+    acc = accuracy(model, test.images, test.labels)
+    stats = feature_stats(model, test.images)
+    provenance = {"train": asdict(cfg), "minutes": round(minutes, 2), "machine": platform.processor() or platform.machine(),
+                  "torch": torch.__version__}
+    save_classifier(model, a.out, acc, stats, provenance)
+    print(f"test accuracy {acc:.4f} after {cfg.epochs} epochs ({minutes:.1f} min); wrote {a.out}")
+    return 0
