@@ -39,8 +39,8 @@ class Loaded:
     path: Optional[Path] = None
 
 
-def read_raw(path: Path) -> Dict[str, Any]:
-    """Read a checkpoint dict safely; every failure becomes one CheckpointError naming the file."""
+def read_weights_only(path: Path) -> Any:
+    """torch.load with weights_only=True; a missing, unsafe or damaged file becomes one CheckpointError."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -52,6 +52,13 @@ def read_raw(path: Path) -> Dict[str, Any]:
         ) from None
     except Exception as e:  # zip/EOF/struct errors of truncated or corrupt files
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+    return raw
+
+
+def read_raw(path: Path) -> Dict[str, Any]:
+    """Read a checkpoint dict safely; every failure becomes one CheckpointError naming the file."""
+    path = Path(path)
+    raw = read_weights_only(path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an adadiff checkpoint (missing format {FORMAT!r})")
     if raw.get("version") != VERSION:

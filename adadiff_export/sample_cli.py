@@ -1,0 +1,101 @@
+"""`python -m adadiff_export sample`: a PNG grid of class-conditional samples and the layers they used."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+
+def add_exit_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `sample` and `evaluate`: checkpoint, sampler, guidance and exit policy."""
+    p.add_argument("checkpoint", nargs="?", type=Path, default=None,
+                   help="checkpoint file (default: the shipped adadiff_export/weights/fashion_small.pt)")
+    p.add_argument("--sampler", choices=["dpm++", "ddim", "euler"], default="dpm++",
+                   help="dpm++ (DPM-Solver++ 2M), ddim or euler (Euler-Maruyama on the VP SDE)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: dpm++ 50, ddim 100, euler 1000)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's, else 2.0; 1 = no guidance)")
+    p.add_argument("--policy", choices=["uem", "static", "saturation"], default="uem",
+                   help="exit policy: uem (learned uncertainty), static (fixed --layer), saturation (hidden state stops changing)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="exit when the score is below this (default for uem: the checkpoint's default threshold; 0 = full depth)")
+    p.add_argument("--patience", type=int, default=1, help="consecutive layers below the threshold before exiting")
+    p.add_argument("--layer", type=int, default=0, help="static policy: the layer every sample exits after (0 = full depth)")
+    p.add_argument("--granularity", choices=["sample", "batch"], default="sample",
+                   help="sample: each sample exits on its own; batch: one decision for the batch (the authors' rule)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (and of stochastic samplers)")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
+
+
+def exit_policy(a: argparse.Namespace, default_threshold: float):
+    """The ExitPolicy the flags describe; uem's threshold defaults to the checkpoint's."""
+    from .early_exit import ExitPolicy
+
+    threshold = a.threshold
+    if threshold is None:
+        if a.policy == "saturation":
+            raise ValueError("--policy saturation needs --threshold (its score is the relative change of the hidden state)")
+        threshold = default_threshold if a.policy == "uem" else 0.0
+    return ExitPolicy(kind=a.policy, threshold=threshold, patience=a.patience, layer=a.layer,
+                      granularity=a.granularity)
+
+
+def add_parser(sub) -> None:
+    """Register `sample`."""
+    p = sub.add_parser(
+        "sample", help="sample a grid of images with early exit and report the layers used",
+        description="Sample N class-conditional images (labels 0..9 in turn) with the reference early exit "
+                    "(or the C++ runtime with --backend rt), write them as a PNG grid and print the mean "
+                    "number of layers used overall and at each step.")
+    add_exit_arguments(p)
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
+    p.add_argument("--batch-size", type=int, default=100, help="images per sampler call (torch backend)")
+    p.add_argument("--backend", choices=["torch", "rt"], default="torch",
+                   help="torch: the PyTorch reference; rt: the adadiff_rt C++ runtime over built engines")
+    p.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder for --backend rt")
+    p.set_defaults(func=_cmd_sample)
+
+
+def summary(result, a: argparse.Namespace, policy, steps: int) -> Dict[str, Any]:
+    """The --json record of one sampling run."""
+    return {
+        "mean_layers": round(result.mean_layers, 4),
+        "layers_by_step": [round(v, 3) for v in result.layers_by_step],
+        "seconds": round(result.seconds, 3),
+        "image_mean": round(float(result.images.mean()), 5),
+        "image_std": round(float(result.images.std()), 5),
+        "threshold": policy.threshold if policy.kind != "static" else None,
+        "policy": policy.kind, "granularity": policy.granularity,
+        "sampler": a.sampler, "steps": steps, "n": a.n, "backend": a.backend,
+    }
+
+
+def _cmd_sample(a: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .generate import default_guidance, default_threshold, generate, generate_rt
+    from .images import save_grid
+    from .samplers import DEFAULT_STEPS
+
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    loaded = ckpt.load(a.checkpoint)
+    policy = exit_policy(a, default_threshold(loaded))
+    steps = a.steps or DEFAULT_STEPS[a.sampler]
+    guidance = default_guidance(loaded) if a.guidance is None else a.guidance
+    c = loaded.model.config
+    if a.backend == "rt":
+        result = generate_rt(a.engines, (c.in_chans, c.img_size, c.img_size), c.num_classes, a.n, policy,
+                             a.sampler, steps, guidance, a.seed)
+    else:
+        result = generate(loaded, a.n, policy, a.sampler, steps, guidance, a.seed, a.batch_size)
+    path = save_grid(result.images, a.out, nrow=c.num_classes if c.num_classes and a.n % c.num_classes == 0 else None)
+    rec = summary(result, a, policy, steps)
+    print(f"wrote {path} ({a.n} images, {a.sampler} {steps} steps, guidance {guidance:g}, {policy.kind} "
+          f"threshold {rec['threshold']}, {a.backend}) in {result.seconds:.1f} s")
+    print(f"layers used: mean {result.mean_layers:.2f} of {c.depth}")
+    print("by step: " + " ".join(f"{v:.1f}" for v in result.layers_by_step))
+    if a.json:
+        print(json.dumps(rec))
+    return 0
