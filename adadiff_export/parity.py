@@ -1,0 +1,249 @@
+"""Parity of exported segments with the PyTorch oracle, in the style of llama.cpp's test-backend-ops.
+
+Every engine is compared with one reference using a normalized error, mse(ref, got) / mse(ref, 0),
+against a named tolerance per precision. Two checks:
+
+- `segment_parity`: each segment on fresh random inputs, PyTorch vs onnxruntime (through
+  polygraphy's ONNX-Runtime runner);
+- `chain_parity`: stem -> layers with exits -> head run segment by segment through onnxruntime,
+  against `adadiff_export.early_exit.early_exit` on real inputs (noised Fashion-MNIST test images
+  when the model is 28x28x1, random images otherwise): same exit layer per sample, same eps.
+
+`full_chain_parity` needs no PyTorch model: it checks that the segment files chained at full depth
+agree with `full.onnx` (what `verify` re-runs when the checkpoint is not at hand).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .manifest import Manifest, Segment
+
+# Normalized error mse(ref, got) / mse(ref, 0) allowed per precision. fp32: 1e-8 is a relative RMS
+# error of 1e-4 (the contract's "1e-4 relative"); fp16 / bf16 carry 10 and 8 mantissa bits.
+TOLERANCES: Dict[str, float] = {"fp32": 1e-8, "fp16": 1e-5, "bf16": 1e-3}
+
+
+class ParityError(RuntimeError):
+    """An exported segment does not compute what PyTorch computes (within tolerance)."""
+
+
+@dataclass(frozen=True)
+class ParityFigure:
+    """One compared output."""
+
+    segment: str
+    output: str
+    error: float  # normalized error mse(ref, got) / mse(ref, 0)
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.error)) and self.error <= self.tolerance
+
+    def describe(self) -> str:
+        rel = float(np.sqrt(self.error)) if np.isfinite(self.error) else float("nan")
+        mark = "ok" if self.passed else "FAIL"
+        return (f"{self.segment:>10s} {self.output:<6s} normalized error {self.error:.2e} "
+                f"(relative {rel:.1e}, tolerance {self.tolerance:.0e}) {mark}")
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """Chain parity: error of eps and how many samples exited at a different layer."""
+
+    figure: ParityFigure
+    threshold: float
+    exit_mismatches: int
+    batch: int
+    mean_layers: float
+
+
+def normalized_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """mse(ref, got) / mse(ref, 0); inf when shapes differ or got is not finite."""
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if ref.shape != got.shape or not np.all(np.isfinite(got)):
+        return float("inf")
+    denom = float(np.mean(ref * ref))
+    return float(np.mean((ref - got) ** 2) / max(denom, 1e-30))
+
+
+def require(figures: Sequence[ParityFigure]) -> None:
+    """Raise `ParityError` naming the worst failing segment, if any failed."""
+    failed = [f for f in figures if not f.passed]
+    if failed:
+        worst = max(failed, key=lambda f: f.error if np.isfinite(f.error) else float("inf"))
+        raise ParityError(f"parity failed for segment {worst.segment} output {worst.output}: normalized error "
+                          f"{worst.error:.3e} > tolerance {worst.tolerance:.0e}"
+                          + (f" ({len(failed)} outputs failed)" if len(failed) > 1 else ""))
+
+
+# ----- onnxruntime sessions --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ort_runners(folder: Path, segments: Sequence[Segment]) -> Iterator[Dict[str, object]]:
+    """Activated polygraphy OnnxrtRunners for `segments`, by name."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.ExitStack() as stack:
+        runners = {}
+        for seg in segments:
+            build = SessionFromOnnx(str(Path(folder) / seg.file), providers=["CPUExecutionProvider"])
+            runners[seg.name] = stack.enter_context(OnnxrtRunner(build, name=seg.name))
+        yield runners
+
+
+def _infer(runner, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        return dict(runner.infer(feed))
+
+
+# ----- per-segment parity ------------------------------------------------------------------------
+
+def segment_parity(model, folder: Path, segments: Sequence[Segment], batch: int = 4, seed: int = 0,
+                   uncertainty_map: bool = False, tolerance: float = TOLERANCES["fp32"]) -> List[ParityFigure]:
+    """Each segment vs PyTorch on fresh random inputs through onnxruntime; one figure per output."""
+    import torch
+
+    from .segments import random_inputs, segment_module
+
+    gen = torch.Generator().manual_seed(seed)
+    figures: List[ParityFigure] = []
+    with ort_runners(folder, segments) as runners:
+        for seg in segments:
+            inputs = random_inputs(model, seg, batch, gen)
+            with torch.no_grad():
+                ref = segment_module(model, seg, uncertainty_map).eval()(*inputs)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            got = _infer(runners[seg.name], {ts.name: v.numpy() for ts, v in zip(seg.inputs, inputs)})
+            for ts, r in zip(seg.outputs, ref):
+                figures.append(ParityFigure(seg.name, ts.name, normalized_error(r.numpy(), got[ts.name]), tolerance))
+    return figures
+
+
+# ----- chained parity ----------------------------------------------------------------------------
+
+def run_chain(runners: Dict[str, object], manifest: Manifest, x: np.ndarray, t: np.ndarray,
+              y: Optional[np.ndarray], threshold: float) -> tuple:
+    """The reference early exit (uem policy, patience 1, per-sample) over ONNX segments.
+
+    Returns eps [B, C, H, W] and exit layer [B] (1-based). Threshold 0 runs full depth.
+    """
+    b = x.shape[0]
+    feed = {"x": x, "t": t}
+    if y is not None:
+        feed["y"] = y
+    stem = _infer(runners["stem"], feed)
+    h, temb = stem["h"], stem["temb"]
+    active = np.arange(b)
+    eps = np.zeros_like(x)
+    exit_layer = np.full(b, manifest.depth, dtype=np.int64)
+    saved: Dict[int, np.ndarray] = {}
+    for seg in manifest.layers():
+        lf = {"h_in": h, "temb": temb}
+        if seg.skip_from is not None:
+            lf["skip"] = saved[seg.skip_from]
+        out = _infer(runners[seg.name], lf)
+        h = out["h_out"]
+        if seg.block == "in":
+            saved[seg.index] = h
+        exits = np.ones(len(active), bool) if seg.index == manifest.depth else out["u"] < threshold
+        if exits.any():
+            eps[active[exits]] = _infer(runners["head"], {"h": h[exits]})["eps"]
+            exit_layer[active[exits]] = seg.index
+            keep = ~exits
+            if not keep.any():
+                break
+            active, h, temb = active[keep], h[keep], temb[keep]
+            saved = {k: v[keep] for k, v in saved.items()}
+    return eps, exit_layer
+
+
+def real_inputs(model, schedule, batch: int, seed: int = 0):
+    """Noised Fashion-MNIST test images for a 28x28x1 model (random images otherwise), t and y."""
+    import torch
+
+    c = model.config
+    gen = torch.Generator().manual_seed(seed)
+    x0 = None
+    if (c.img_size, c.in_chans) == (28, 1):
+        from .data import DataError, load_fashion_mnist
+        try:
+            data = load_fashion_mnist("test")
+            idx = torch.randperm(len(data), generator=gen)[:batch]
+            x0, y = data.images[idx], data.labels[idx]
+        except DataError:
+            x0 = None
+    if x0 is None:
+        x0 = torch.randn(batch, c.in_chans, c.img_size, c.img_size, generator=gen).clamp(-1, 1)
+        y = torch.randint(0, max(c.num_classes, 1), (batch,), generator=gen)
+    t = torch.rand(batch, generator=gen) * (1 - schedule.t_eps) + schedule.t_eps
+    x = schedule.add_noise(x0, t, torch.randn(x0.shape, generator=gen))
+    return x, t, (y if c.num_classes > 0 else None)
+
+
+def _separating_threshold(u: np.ndarray) -> float:
+    """A threshold near the median of the observed u values, halfway between two of them.
+
+    Far from every observed value, so fp32 rounding cannot flip an exit decision, and in the
+    middle of the distribution, so some samples exit early and some do not.
+    """
+    v = np.unique(u[np.isfinite(u)])
+    if len(v) < 2:
+        return float(v[0]) + 1e-3 if len(v) else 0.5
+    lo, hi = len(v) // 4, max(len(v) // 4 + 1, 3 * len(v) // 4)
+    gaps = np.diff(v)[lo:hi]
+    j = lo + int(np.argmax(gaps))
+    return float((v[j] + v[j + 1]) / 2)
+
+
+def chain_parity(model, schedule, folder: Path, manifest: Manifest, batch: int = 16, seed: int = 0,
+                 threshold: Optional[float] = None, tolerance: float = TOLERANCES["fp32"]) -> ChainResult:
+    """Stem, layers with exits and head through onnxruntime vs the PyTorch reference early exit."""
+    import torch
+
+    from .early_exit import ExitPolicy, early_exit
+
+    x, t, y = real_inputs(model, schedule, batch, seed)
+    if threshold is None:
+        probe = early_exit(model, x, t, y, ExitPolicy(kind="uem", threshold=0.0))
+        threshold = _separating_threshold(probe.u[:, :-1].numpy())
+    ref = early_exit(model, x, t, y, ExitPolicy(kind="uem", threshold=threshold))
+    names = ["stem", "head"] + [s.name for s in manifest.layers()]
+    with ort_runners(folder, [manifest.segment(n) for n in names]) as runners:
+        eps, exit_layer = run_chain(runners, manifest, x.numpy(), t.numpy(),
+                                    None if y is None else y.numpy(), threshold)
+    mismatches = int((exit_layer != ref.exit_layer.numpy()).sum())
+    fig = ParityFigure("chain", "eps", normalized_error(ref.eps.numpy(), eps), tolerance)
+    return ChainResult(fig, float(threshold), mismatches, batch, float(ref.exit_layer.float().mean()))
+
+
+def require_chain(result: ChainResult) -> None:
+    """Raise `ParityError` if the chain made other exit decisions or its eps is off."""
+    if result.exit_mismatches:
+        raise ParityError(f"chained segments exit at a different layer than the PyTorch reference for "
+                          f"{result.exit_mismatches} of {result.batch} samples (threshold {result.threshold:.6g})")
+    require([result.figure])
+
+
+def full_chain_parity(folder: Path, manifest: Manifest, batch: int = 4, seed: int = 0,
+                      tolerance: float = TOLERANCES["fp32"]) -> ParityFigure:
+    """Segments chained at full depth vs `full.onnx` on random inputs (no checkpoint needed)."""
+    rng = np.random.default_rng(seed)
+    m = manifest.model
+    x = rng.standard_normal((batch, m["in_chans"], m["img_size"], m["img_size"])).astype(np.float32)
+    t = rng.uniform(manifest.schedule.get("t_eps", 1e-3), 1.0, batch).astype(np.float32)
+    y = rng.integers(0, m["num_classes"] + 1, batch).astype(np.int64) if m["num_classes"] > 0 else None
+    with ort_runners(folder, manifest.segments) as runners:
+        eps, _ = run_chain(runners, manifest, x, t, y, threshold=0.0)
+        feed = {"x": x, "t": t, **({"y": y} if y is not None else {})}
+        full = _infer(runners["full"], feed)["eps"]
+    return ParityFigure("full", "eps", normalized_error(full, eps), tolerance)
