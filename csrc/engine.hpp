@@ -1,0 +1,20 @@
+// The one small interface every executor implements (OpenVINO, TensorRT, Python callables).
+#pragma once
+
+#include <string>
+
+namespace adadiff {
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual std::string name() const = 0;
+  // Largest batch a single run accepts.
+  virtual int max_batch() const = 0;
+  // Runs manifest segment `seg` on `batch` rows. `in` / `out` hold one pointer per tensor of the
+  // segment, in manifest order; the memory is the runtime's (host or device, as its Ops say) and
+  // stays valid for the call. Throws std::runtime_error naming the segment on failure.
+  virtual void run(int seg, int batch, void* const* in, void* const* out) = 0;
+};
+
+}  // namespace adadiff

@@ -1,0 +1,141 @@
+// Element rules shared by the CPU loops and the CUDA kernels, so both devices decide exits
+// and update samples with literally the same code (and the oracle's float32 op order).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ADADIFF_HD __host__ __device__ __forceinline__
+#else
+#define ADADIFF_HD inline
+#endif
+
+namespace adadiff {
+
+enum class Policy : int { Uem = 0, Static = 1, Saturation = 2 };
+enum class Granularity : int { Sample = 0, Batch = 1 };
+
+struct ExitParams {
+  Policy policy = Policy::Uem;
+  Granularity granularity = Granularity::Sample;
+  float threshold = 0.1f;  // float32, as torch compares a float32 score with a Python float
+  int patience = 1;
+  int layer = 0;  // 0-based layer just run
+  int n_layers = 1;
+  int static_layer = 0;  // 1-based exit layer of `static` (already resolved: 0 means n_layers)
+};
+
+// Pointers into runtime buffers (host or device, all on the same side).
+struct ExitBuffers {
+  const float* score;   // [n] u (uem) or relative change (saturation)
+  const int* active;    // [n] original sample of each working row
+  const int* count;     // [n] consecutive layers below threshold
+  int* new_active;      // [n - m] kept rows' samples, in order
+  int* new_count;       // [n - m]
+  int* exit_idx;        // [m] working rows that exit now
+  int* exit_dest;       // [m] their original samples
+  int* keep_idx;        // [n - m] working rows that continue
+  int64_t* exit_layer;  // [B] per original sample
+  float* u_all;         // [B, n_layers] (uem only)
+  int* m_out;           // number exiting
+};
+
+// The oracle's rule (adadiff_export/early_exit.py). A serial loop on purpose: n is at most a
+// few hundred rows, and one ordered pass yields the exit list, the kept list and the count at once.
+ADADIFF_HD void decide_exits(const ExitParams& p, const ExitBuffers& b, int n) {
+  const bool last = p.layer == p.n_layers - 1;
+  const bool scored = !last && p.policy != Policy::Static;
+  bool batch_below = false;
+  if (scored && p.granularity == Granularity::Batch) {
+    float sum = 0.0f;  // torch's float32 mean; differences of an ulp only matter at the threshold itself
+    for (int j = 0; j < n; ++j) sum += b.score[j];
+    batch_below = sum / float(n) < p.threshold;
+  }
+  int m = 0, w = 0;
+  for (int j = 0; j < n; ++j) {
+    if (scored && p.policy == Policy::Uem) b.u_all[int64_t(b.active[j]) * p.n_layers + p.layer] = b.score[j];
+    int c = b.count[j];
+    bool exits;
+    if (last) {
+      exits = true;
+    } else if (p.policy == Policy::Static) {
+      exits = p.layer + 1 >= p.static_layer;
+    } else {
+      bool below = p.granularity == Granularity::Batch ? batch_below : b.score[j] < p.threshold;
+      c = below ? c + 1 : 0;
+      exits = c >= p.patience;
+    }
+    if (exits) {
+      b.exit_idx[m] = j;
+      b.exit_dest[m] = b.active[j];
+      b.exit_layer[b.active[j]] = p.layer + 1;
+      ++m;
+    } else {
+      b.keep_idx[w] = j;
+      b.new_active[w] = b.active[j];
+      b.new_count[w] = c;
+      ++w;
+    }
+  }
+  *b.m_out = m;
+}
+
+enum class StepKind : int { Ddim = 0, DpmFirst = 1, DpmSecond = 2, Euler = 3 };
+
+// Coefficients of one sampler step, computed in float64 on the host exactly as samplers.py does
+// with Python floats, then rounded to float32 where torch would round the Python scalar.
+struct StepCoefs {
+  StepKind kind = StepKind::Ddim;
+  float s_t = 0, a_t = 1;       // x0 = (x - s_t * eps) / a_t
+  float c_x0 = 0, c_eps = 0;    // ddim: x = c_x0 * x0 + c_eps * eps
+  float r_x = 0, r_d = 0;       // dpm: x = r_x * x - r_d * d
+  float d_cur = 0, d_prev = 0;  // dpm second order: d = d_cur * x0 - d_prev * x0_prev
+  float half_beta = 0, beta = 0, sigma = 1, dt = 0;  // euler
+  float noise = 0;              // scale of the Gaussian added after the update (0: none)
+  uint64_t seed = 0;
+  uint64_t step = 0;
+};
+
+ADADIFF_HD uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// A counter-based standard normal: element i of step s under seed k is the same on CPU and GPU
+// and independent of how the work is split, so stochastic samplers are reproducible per seed.
+ADADIFF_HD float gaussian(uint64_t seed, uint64_t step, uint64_t i) {
+  uint64_t a = splitmix64(seed ^ splitmix64((step << 40) ^ i));
+  uint64_t b = splitmix64(a);
+  double u1 = (double((a >> 11) + 1)) * (1.0 / 9007199254740992.0);  // (0, 1]
+  double u2 = double(b >> 11) * (1.0 / 9007199254740992.0);
+  return float(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+ADADIFF_HD float sampler_element(const StepCoefs& c, float x, float eps, float* x0_prev, uint64_t i) {
+  float out;
+  if (c.kind == StepKind::Euler) {
+    float drift = c.half_beta * x - (c.beta * eps) / c.sigma;
+    out = x + drift * c.dt;
+  } else {
+    float x0 = (x - c.s_t * eps) / c.a_t;
+    if (c.kind == StepKind::Ddim) {
+      out = c.c_x0 * x0 + c.c_eps * eps;
+    } else {
+      float d = c.kind == StepKind::DpmFirst ? x0 : c.d_cur * x0 - c.d_prev * (*x0_prev);
+      out = c.r_x * x - c.r_d * d;
+      *x0_prev = x0;
+    }
+  }
+  if (c.noise > 0.0f) out = out + c.noise * gaussian(c.seed, c.step, i);
+  return out;
+}
+
+// eps = uncond + w * (cond - uncond), cond being the first half of the batched call.
+ADADIFF_HD float cfg_element(float cond, float uncond, float w) { return uncond + w * (cond - uncond); }
+
+ADADIFF_HD float clamp_unit(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+
+}  // namespace adadiff

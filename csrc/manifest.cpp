@@ -1,0 +1,378 @@
+#include "manifest.hpp"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "json.hpp"
+#include "sha256.hpp"
+
+namespace adadiff {
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Int64: return "int64";
+  }
+  return "?";
+}
+
+size_t dtype_size(DType d) {
+  switch (d) {
+    case DType::Float32: return 4;
+    case DType::Float16: return 2;
+    case DType::BFloat16: return 2;
+    case DType::Int64: return 8;
+  }
+  return 0;
+}
+
+int64_t TensorDesc::row_elems() const {
+  int64_t n = 1;
+  for (size_t i = 1; i < shape.size(); ++i) n *= shape[i];
+  return n;
+}
+
+std::string TensorDesc::shape_str(int batch) const {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += shape[i] == kBatchDim ? (batch > 0 ? std::to_string(batch) : std::string("B")) : std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+int SegmentDesc::input_index(const std::string& n) const {
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].name == n) return int(i);
+  return -1;
+}
+
+int SegmentDesc::output_index(const std::string& n) const {
+  for (size_t i = 0; i < outputs.size(); ++i)
+    if (outputs[i].name == n) return int(i);
+  return -1;
+}
+
+const TensorDesc& SegmentDesc::input(const std::string& n) const {
+  int i = input_index(n);
+  if (i < 0) throw std::runtime_error("manifest: segment " + name + " has no input '" + n + "'");
+  return inputs[i];
+}
+
+const TensorDesc& SegmentDesc::output(const std::string& n) const {
+  int i = output_index(n);
+  if (i < 0) throw std::runtime_error("manifest: segment " + name + " has no output '" + n + "'");
+  return outputs[i];
+}
+
+int Manifest::segment_index(const std::string& name) const {
+  for (size_t i = 0; i < segments.size(); ++i)
+    if (segments[i].name == name) return int(i);
+  return -1;
+}
+
+const SegmentDesc& Manifest::segment(const std::string& name) const {
+  int i = segment_index(name);
+  if (i < 0) throw std::runtime_error("manifest: no segment named " + name);
+  return segments[i];
+}
+
+bool is_plain_file_name(const std::string& name) {
+  if (name.empty() || name == "." || name == "..") return false;
+  for (char c : name)
+    if (c == '/' || c == '\\' || c == '\0') return false;
+  return true;
+}
+
+std::string Manifest::verified_path(const std::string& what, const std::string& file, const std::string& sha) const {
+  if (!is_plain_file_name(file))
+    throw std::runtime_error("manifest: " + what + " names file '" + file +
+                             "', which is not a plain file name inside the engines folder");
+  std::string path = dir + "/" + file;
+  std::string got;
+  try {
+    got = sha256_file(path);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(what + ": file " + file + " is missing or unreadable (" + e.what() + ")");
+  }
+  if (got != sha)
+    throw std::runtime_error(what + ": file " + file + " does not match its sha256 in manifest.json (expected " +
+                             sha + ", found " + got + "); the engines folder was modified or is damaged");
+  return path;
+}
+
+namespace {
+
+using json::Value;
+
+[[noreturn]] void bad(const std::string& where, const std::string& what) {
+  throw std::runtime_error("manifest.json: " + where + ": " + what);
+}
+
+const Value& field(const Value& obj, const std::string& where, const std::string& key) {
+  if (obj.type != Value::Type::Object) bad(where, "expected an object");
+  const Value* v = obj.find(key);
+  if (!v) bad(where, "missing field '" + key + "'");
+  return *v;
+}
+
+std::string str(const Value& obj, const std::string& where, const std::string& key) {
+  const Value& v = field(obj, where, key);
+  if (v.type != Value::Type::String) bad(where + "." + key, std::string("expected a string, got ") + json::type_name(v.type));
+  return v.string;
+}
+
+double num(const Value& obj, const std::string& where, const std::string& key) {
+  const Value& v = field(obj, where, key);
+  if (v.type != Value::Type::Number) bad(where + "." + key, std::string("expected a number, got ") + json::type_name(v.type));
+  return v.number;
+}
+
+int integer(const Value& v, const std::string& where) {
+  if (v.type != Value::Type::Number || v.number != std::floor(v.number) || std::fabs(v.number) > 1e9)
+    bad(where, "expected an integer");
+  return int(v.number);
+}
+
+int integer(const Value& obj, const std::string& where, const std::string& key) {
+  return integer(field(obj, where, key), where + "." + key);
+}
+
+DType parse_dtype(const std::string& s, const std::string& where) {
+  if (s == "float32") return DType::Float32;
+  if (s == "float16") return DType::Float16;
+  if (s == "bfloat16") return DType::BFloat16;
+  if (s == "int64") return DType::Int64;
+  bad(where, "unknown dtype '" + s + "'");
+}
+
+TensorDesc parse_tensor(const Value& v, const std::string& where) {
+  TensorDesc t;
+  t.name = str(v, where, "name");
+  t.dtype = parse_dtype(str(v, where, "dtype"), where + ".dtype");
+  const Value& shape = field(v, where, "shape");
+  if (shape.type != Value::Type::Array || shape.array.empty()) bad(where + ".shape", "expected a non-empty array");
+  for (size_t i = 0; i < shape.array.size(); ++i) {
+    const Value& d = shape.array[i];
+    std::string w = where + ".shape[" + std::to_string(i) + "]";
+    if (d.type == Value::Type::String) {
+      if (d.string != "B" || i != 0) bad(w, "only the first dimension may be symbolic, and only as \"B\"");
+      t.shape.push_back(kBatchDim);
+    } else {
+      int n = integer(d, w);
+      if (n < 1) bad(w, "dimensions must be positive");
+      t.shape.push_back(n);
+    }
+  }
+  if (t.shape[0] != kBatchDim) bad(where + ".shape", "the first dimension must be the batch \"B\"");
+  return t;
+}
+
+std::vector<TensorDesc> parse_tensors(const Value& seg, const std::string& where, const std::string& key) {
+  const Value& arr = field(seg, where, key);
+  if (arr.type != Value::Type::Array) bad(where + "." + key, "expected an array");
+  std::vector<TensorDesc> out;
+  for (size_t i = 0; i < arr.array.size(); ++i)
+    out.push_back(parse_tensor(arr.array[i], where + "." + key + "[" + std::to_string(i) + "]"));
+  return out;
+}
+
+void need_tensor(const SegmentDesc& s, bool input, const std::string& name, const std::vector<int64_t>& shape) {
+  const auto& list = input ? s.inputs : s.outputs;
+  for (const auto& t : list) {
+    if (t.name != name) continue;
+    if (t.shape != shape) {
+      TensorDesc want{name, t.dtype, shape};
+      bad("segment " + s.name, std::string(input ? "input " : "output ") + name + " has shape " + t.shape_str(0) +
+                                   ", the model config implies " + want.shape_str(0));
+    }
+    if (name == "y") {
+      if (t.dtype != DType::Int64) bad("segment " + s.name, "input y must be int64");
+    } else if (t.dtype != DType::Float32) {
+      bad("segment " + s.name, std::string(input ? "input " : "output ") + name + " has dtype " + dtype_name(t.dtype) +
+                                   "; this runtime exchanges float32 tensors only");
+    }
+    return;
+  }
+  bad("segment " + s.name, std::string("missing ") + (input ? "input " : "output ") + name);
+}
+
+// The wiring the runtime relies on: names, shapes and skip sources exactly as docs/MANIFEST.md fixes them.
+void check_wiring(const Manifest& m) {
+  const ModelDesc& c = m.model;
+  const int n = c.depth;
+  if (int(m.segments.size()) != n + 3)
+    bad("segments", "expected stem, layer_1..layer_" + std::to_string(n) + ", head, full (" + std::to_string(n + 3) +
+                        " segments), found " + std::to_string(m.segments.size()));
+  const std::vector<int64_t> img{kBatchDim, c.in_chans, c.img_size, c.img_size};
+  const std::vector<int64_t> hid{kBatchDim, c.num_tokens, c.embed_dim};
+  const std::vector<int64_t> emb{kBatchDim, c.embed_dim};
+  const std::vector<int64_t> vec{kBatchDim};
+  auto check_stem_like = [&](const SegmentDesc& s) {
+    need_tensor(s, true, "x", img);
+    need_tensor(s, true, "t", vec);
+    if (c.conditional()) need_tensor(s, true, "y", vec);
+    size_t want = c.conditional() ? 3 : 2;
+    if (s.inputs.size() != want) bad("segment " + s.name, "expected " + std::to_string(want) + " inputs");
+  };
+  const SegmentDesc& stem = m.segments[0];
+  if (stem.name != "stem" || stem.kind != "stem") bad("segments[0]", "expected the stem");
+  check_stem_like(stem);
+  need_tensor(stem, false, "h", hid);
+  need_tensor(stem, false, "temb", emb);
+  const int k = c.num_in_blocks();
+  for (int i = 1; i <= n; ++i) {
+    const SegmentDesc& s = m.segments[i];
+    std::string want = "layer_" + std::to_string(i);
+    if (s.name != want || s.kind != "layer" || s.index != i)
+      bad("segments[" + std::to_string(i) + "]", "expected " + want + " (kind layer, index " + std::to_string(i) + ")");
+    int skip = i > k + 1 ? 2 * k + 2 - i : 0;  // layer k+1+j takes in layer k+1-j
+    if (s.skip_from != skip)
+      bad("segment " + s.name, "skip_from is " + std::to_string(s.skip_from) + ", the U-ViT wiring needs " +
+                                   std::to_string(skip));
+    need_tensor(s, true, "h_in", hid);
+    need_tensor(s, true, "temb", emb);
+    if (skip) need_tensor(s, true, "skip", hid);
+    if (s.inputs.size() != size_t(skip ? 3 : 2)) bad("segment " + s.name, "unexpected number of inputs");
+    need_tensor(s, false, "h_out", hid);
+    need_tensor(s, false, "u", vec);
+    if (s.outputs.size() == 3) need_tensor(s, false, "u_map", img);
+    else if (s.outputs.size() != 2) bad("segment " + s.name, "expected outputs h_out, u and optionally u_map");
+  }
+  const SegmentDesc& head = m.segments[n + 1];
+  if (head.name != "head" || head.kind != "head") bad("segments[" + std::to_string(n + 1) + "]", "expected the head");
+  need_tensor(head, true, "h", hid);
+  need_tensor(head, false, "eps", img);
+  const SegmentDesc& full = m.segments[n + 2];
+  if (full.name != "full" || full.kind != "full") bad("segments[" + std::to_string(n + 2) + "]", "expected full");
+  check_stem_like(full);
+  need_tensor(full, false, "eps", img);
+}
+
+ModelDesc parse_model(const Value& v) {
+  ModelDesc c;
+  const std::string w = "model";
+  c.img_size = integer(v, w, "img_size");
+  c.in_chans = integer(v, w, "in_chans");
+  c.patch_size = integer(v, w, "patch_size");
+  c.embed_dim = integer(v, w, "embed_dim");
+  c.depth = integer(v, w, "depth");
+  c.num_heads = integer(v, w, "num_heads");
+  c.num_classes = integer(v, w, "num_classes");
+  const Value* nc = v.find("null_class");
+  c.null_class = (nc && !nc->is_null()) ? integer(*nc, "model.null_class") : c.num_classes;
+  c.num_extra_tokens = 1 + (c.num_classes > 0 ? 1 : 0);
+  int grid = c.patch_size > 0 ? c.img_size / c.patch_size : 0;
+  c.num_tokens = c.num_extra_tokens + grid * grid;
+  if (const Value* t = v.find("num_tokens")) {
+    if (integer(*t, "model.num_tokens") != c.num_tokens) bad("model.num_tokens", "inconsistent with img_size/patch_size");
+  }
+  if (c.depth < 1 || c.depth % 2 == 0) bad("model.depth", "must be odd and positive");
+  if (c.img_size < 1 || c.in_chans < 1 || c.patch_size < 1 || c.embed_dim < 1 || c.img_size % c.patch_size)
+    bad("model", "image shape, patch size and width must be positive and consistent");
+  if (c.num_classes < 0) bad("model.num_classes", "must be >= 0");
+  if (c.num_classes > 0 && (c.null_class < 0 || c.null_class > c.num_classes))
+    bad("model.null_class", "must be in 0..num_classes");
+  return c;
+}
+
+TensorRtDesc parse_tensorrt(const Value* v) {
+  TensorRtDesc t;
+  if (!v || v->is_null()) return t;
+  const std::string w = "tensorrt";
+  t.present = true;
+  t.version = str(*v, w, "version");
+  t.precision = str(*v, w, "precision");
+  if (const Value* a = v->find("gpu_arch"); a && a->type == Value::Type::String) t.gpu_arch = a->string;
+  const Value& prof = field(*v, w, "profile");
+  t.profile_min = integer(prof, w + ".profile", "min");
+  t.profile_opt = integer(prof, w + ".profile", "opt");
+  t.profile_max = integer(prof, w + ".profile", "max");
+  const Value& plans = field(*v, w, "plans");
+  if (plans.type != Value::Type::Object) bad(w + ".plans", "expected an object");
+  for (const auto& kv : plans.object) {
+    std::string pw = w + ".plans." + kv.first;
+    PlanDesc p{str(kv.second, pw, "file"), str(kv.second, pw, "sha256")};
+    if (!is_plain_file_name(p.file)) bad(pw + ".file", "'" + p.file + "' is not a plain file name inside the engines folder");
+    t.plans[kv.first] = p;
+  }
+  return t;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("no manifest.json in the engines folder (cannot open " + path + ")");
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+Manifest load_manifest(const std::string& dir) {
+  Manifest m;
+  m.dir = dir;
+  while (m.dir.size() > 1 && m.dir.back() == '/') m.dir.pop_back();
+  const std::string path = m.dir + "/manifest.json";
+  Value root;
+  try {
+    root = json::parse(read_text(path));
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(path + ": " + e.what());
+  }
+  if (root.type != Value::Type::Object) bad("document", "expected an object");
+  if (str(root, "document", "format") != "adadiff-engines") bad("format", "expected \"adadiff-engines\"");
+  m.version = integer(root, "document", "version");
+  if (m.version != kManifestVersion)
+    bad("version", "the engines folder has manifest version " + std::to_string(m.version) +
+                       ", this runtime reads version " + std::to_string(kManifestVersion) + "; rebuild the engines");
+  m.model = parse_model(field(root, "document", "model"));
+  const Value& sch = field(root, "document", "schedule");
+  if (const Value* ty = sch.find("type"); ty && !(ty->type == Value::Type::String && ty->string == "vp_linear"))
+    bad("schedule.type", "only vp_linear is supported");
+  m.schedule.beta_min = num(sch, "schedule", "beta_min");
+  m.schedule.beta_max = num(sch, "schedule", "beta_max");
+  m.schedule.t_eps = num(sch, "schedule", "t_eps");
+  if (!(m.schedule.t_eps > 0 && m.schedule.t_eps < 1)) bad("schedule.t_eps", "must be in (0, 1)");
+  m.max_batch = integer(root, "document", "max_batch");
+  if (m.max_batch < 1) bad("max_batch", "must be >= 1");
+
+  const Value& segs = field(root, "document", "segments");
+  if (segs.type != Value::Type::Array) bad("segments", "expected an array");
+  for (size_t i = 0; i < segs.array.size(); ++i) {
+    const Value& v = segs.array[i];
+    std::string w = "segments[" + std::to_string(i) + "]";
+    SegmentDesc s;
+    s.name = str(v, w, "name");
+    w = "segment " + s.name;
+    s.kind = str(v, w, "kind");
+    s.file = str(v, w, "file");
+    if (!is_plain_file_name(s.file))
+      bad(w + ".file", "'" + s.file + "' is not a plain file name inside the engines folder");
+    s.sha256 = str(v, w, "sha256");
+    if (const Value* idx = v.find("index"); idx && !idx->is_null()) s.index = integer(*idx, w + ".index");
+    if (const Value* b = v.find("block"); b && b->type == Value::Type::String) s.block = b->string;
+    if (const Value* sf = v.find("skip_from"); sf && !sf->is_null()) s.skip_from = integer(*sf, w + ".skip_from");
+    s.inputs = parse_tensors(v, w, "inputs");
+    s.outputs = parse_tensors(v, w, "outputs");
+    m.segments.push_back(std::move(s));
+  }
+  check_wiring(m);
+  m.tensorrt = parse_tensorrt(root.find("tensorrt"));
+
+  if (const Value* ex = root.find("exit"); ex && ex->type == Value::Type::Object) {
+    if (const Value* p = ex->find("policy"); p && p->type == Value::Type::String) m.exit.policy = p->string;
+    if (const Value* g = ex->find("granularity"); g && g->type == Value::Type::String) m.exit.granularity = g->string;
+    if (const Value* t = ex->find("threshold"); t && t->type == Value::Type::Number) m.exit.threshold = t->number;
+    if (const Value* p = ex->find("patience"); p && !p->is_null()) m.exit.patience = integer(*p, "exit.patience");
+    if (const Value* g = ex->find("guidance"); g && g->type == Value::Type::Number) m.exit.guidance = g->number;
+  }
+  if (!m.model.conditional()) m.exit.guidance = 1.0;
+  return m;
+}
+
+}  // namespace adadiff

@@ -1,0 +1,90 @@
+// engines/manifest.json (docs/MANIFEST.md, version 1): parsed and validated once per Runtime.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace adadiff {
+
+enum class DType { Float32, Float16, BFloat16, Int64 };
+const char* dtype_name(DType d);
+size_t dtype_size(DType d);
+
+constexpr int64_t kBatchDim = -1;  // the manifest's symbolic "B"
+
+struct TensorDesc {
+  std::string name;
+  DType dtype = DType::Float32;
+  std::vector<int64_t> shape;  // kBatchDim first, static dims after
+  int64_t row_elems() const;   // product of the static dims
+  std::string shape_str(int batch) const;
+};
+
+struct SegmentDesc {
+  std::string name, kind, file, sha256, block;
+  int index = 0;      // layers: 1-based
+  int skip_from = 0;  // out layers: 1-based in layer, 0 = none
+  std::vector<TensorDesc> inputs, outputs;
+  const TensorDesc& input(const std::string& n) const;
+  const TensorDesc& output(const std::string& n) const;
+  int input_index(const std::string& n) const;   // -1 when absent
+  int output_index(const std::string& n) const;  // -1 when absent
+};
+
+struct ModelDesc {
+  int img_size = 0, in_chans = 0, patch_size = 0, embed_dim = 0, depth = 0, num_heads = 0;
+  int num_classes = 0, null_class = -1, num_tokens = 0, num_extra_tokens = 0;
+  int num_in_blocks() const { return depth / 2; }
+  int64_t image_elems() const { return int64_t(in_chans) * img_size * img_size; }
+  int64_t hidden_elems() const { return int64_t(num_tokens) * embed_dim; }
+  bool conditional() const { return num_classes > 0; }
+};
+
+struct ScheduleDesc {
+  double beta_min = 0.1, beta_max = 20.0, t_eps = 1e-3;
+};
+
+struct ExitDefaults {
+  std::string policy = "uem", granularity = "sample";
+  double threshold = 0.1, guidance = 1.0;
+  int patience = 1;
+};
+
+struct PlanDesc {
+  std::string file, sha256;
+};
+
+struct TensorRtDesc {
+  bool present = false;
+  std::string version, gpu_arch, precision;
+  int profile_min = 1, profile_opt = 1, profile_max = 0;
+  std::map<std::string, PlanDesc> plans;
+};
+
+struct Manifest {
+  std::string dir;  // the engines folder
+  int version = 0;
+  ModelDesc model;
+  ScheduleDesc schedule;
+  int max_batch = 0;
+  std::vector<SegmentDesc> segments;  // stem, layer_1..layer_N, head, full
+  ExitDefaults exit;
+  TensorRtDesc tensorrt;
+
+  const SegmentDesc& segment(const std::string& name) const;
+  int segment_index(const std::string& name) const;
+  // Full path of `file` after checking its sha256; throws naming the segment and file.
+  std::string verified_path(const std::string& what, const std::string& file, const std::string& sha) const;
+};
+
+constexpr int kManifestVersion = 1;
+
+// Reads and validates <dir>/manifest.json; throws std::runtime_error naming the field at fault.
+Manifest load_manifest(const std::string& dir);
+
+// A file name the manifest may use: plain, inside the folder (no '/', '\\', "..", not absolute).
+bool is_plain_file_name(const std::string& name);
+
+}  // namespace adadiff

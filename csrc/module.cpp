@@ -1,0 +1,272 @@
+// pybind11 bindings: numpy in, numpy out; argument checks that name the argument; the GIL is
+// released while the runtime (and its engines) work.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unistd.h>
+
+#include "dlpack_engine.hpp"
+#include "openvino_engine.hpp"
+#include "runtime.hpp"
+#include "tensorrt_engine.hpp"
+
+namespace py = pybind11;
+using namespace adadiff;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style>;
+using I64 = py::array_t<int64_t, py::array::c_style>;
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Exact dtype (no silent casts), then a C-contiguous array of it.
+template <class T>
+py::array_t<T, py::array::c_style> typed(const py::handle& obj, const char* name, const char* dtype) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy array of " + dtype + ", got " +
+                         std::string(py::str(py::type::handle_of(obj))));
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must have dtype " + dtype + ", got " + std::string(py::str(a.dtype())));
+  return py::array_t<T, py::array::c_style>::ensure(a);
+}
+
+class PyRuntime {
+ public:
+  PyRuntime(const std::string& dir, const std::string& device, const std::string& engine, const std::string& precision,
+            int threads, std::optional<py::dict> segments, std::optional<std::string> cache_dir, int device_id) {
+    if (threads < 0) throw py::value_error("threads must be >= 0, got " + std::to_string(threads));
+    Manifest m = load_manifest(dir);
+    std::unique_ptr<Ops> ops;
+    if (device == "cpu") ops = make_cpu_ops();
+    else if (device == "cuda") ops = make_cuda_ops(device_id);
+    else throw py::value_error("device must be 'cpu' or 'cuda', got '" + device + "'");
+    std::string kind = engine;
+    if (kind == "auto") kind = segments ? "dlpack" : (device == "cpu" ? "openvino" : "tensorrt");
+    std::unique_ptr<Engine> eng;
+    const int cap = 2 * m.max_batch;
+    if (kind == "dlpack") {
+      if (!segments) throw py::value_error("engine='dlpack' needs segments={name: callable}");
+      eng = make_dlpack_engine(m, ops.get(), *segments, cap);
+    } else if (segments) {
+      throw py::value_error("segments= is only used by engine='dlpack' (or 'auto'), not '" + kind + "'");
+    } else if (kind == "openvino") {
+      if (device != "cpu") throw py::value_error("engine='openvino' runs on device='cpu' only");
+      OpenVinoOptions o;
+      o.precision = precision;
+      o.threads = threads;
+      o.max_batch = cap;
+      if (cache_dir) {
+        o.cache_dir = *cache_dir;
+      } else if (access(dir.c_str(), W_OK) == 0) {
+        o.cache_dir = m.dir + "/openvino_cache";
+      }
+      eng = make_openvino_engine(m, o);
+    } else if (kind == "tensorrt") {
+      if (device != "cuda") throw py::value_error("engine='tensorrt' runs on device='cuda' only");
+      eng = make_tensorrt_engine(m, ops.get());
+    } else {
+      throw py::value_error("engine must be 'auto', 'openvino', 'tensorrt' or 'dlpack', got '" + engine + "'");
+    }
+    device_ = device;
+    rt_ = std::make_unique<Runtime>(std::move(m), std::move(ops), std::move(eng));
+  }
+
+  ~PyRuntime() {
+    // The DLPack engine drops Python references in its destructor; it takes the GIL itself.
+    py::gil_scoped_release release;
+    rt_.reset();
+  }
+
+  py::tuple denoise(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj, const std::string& policy,
+                    std::optional<double> threshold, int patience, const std::string& granularity, int static_layer) {
+    const ModelDesc& c = rt_->manifest().model;
+    F32 x = typed<float>(x_obj, "x", "float32");
+    F32 t = typed<float>(t_obj, "t", "float32");
+    check_image("x", x);
+    const int b = int(x.shape(0));
+    if (t.ndim() != 1 || t.shape(0) != b)
+      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_of(t));
+    std::optional<I64> y = labels(y_obj, b);
+    DenoiseOptions o{policy, threshold, patience, granularity, static_layer};
+    F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
+    I64 layer(std::vector<py::ssize_t>{py::ssize_t(b)});
+    F32 u({py::ssize_t(b), py::ssize_t(c.depth)});
+    const float* xp = x.data();
+    const float* tp = t.data();
+    const int64_t* yp = y ? y->data() : nullptr;
+    float* ep = eps.mutable_data();
+    int64_t* lp = layer.mutable_data();
+    float* up = u.mutable_data();
+    {
+      py::gil_scoped_release release;
+      rt_->denoise(b, xp, tp, yp, o, ep, lp, up);
+    }
+    return py::make_tuple(eps, layer, u);
+  }
+
+  py::tuple sample(const py::object& noise_obj, const py::object& y_obj, const std::string& sampler,
+                   std::optional<int> steps, std::optional<double> guidance, const std::string& policy,
+                   std::optional<double> threshold, int patience, const std::string& granularity, int static_layer,
+                   double eta, uint64_t seed) {
+    const ModelDesc& c = rt_->manifest().model;
+    F32 noise = typed<float>(noise_obj, "noise", "float32");
+    check_image("noise", noise);
+    const int b = int(noise.shape(0));
+    std::optional<I64> y = labels(y_obj, b);
+    if (steps && *steps < 1) throw py::value_error("steps must be >= 1, got " + std::to_string(*steps));
+    SampleOptions o;
+    o.sampler = sampler;
+    o.steps = steps ? *steps : 0;
+    o.guidance = guidance;
+    o.eta = eta;
+    o.seed = seed;
+    o.exit = DenoiseOptions{policy, threshold, patience, granularity, static_layer};
+    F32 images({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
+    std::vector<int64_t> layers;
+    int n_steps = 0, be = 0;
+    const float* np_ = noise.data();
+    const int64_t* yp = y ? y->data() : nullptr;
+    float* ip = images.mutable_data();
+    {
+      py::gil_scoped_release release;
+      rt_->sample(b, np_, yp, o, ip, layers, n_steps, be);
+    }
+    I64 used({py::ssize_t(n_steps), py::ssize_t(be)});
+    std::copy(layers.begin(), layers.end(), used.mutable_data());
+    return py::make_tuple(images, used);
+  }
+
+  F32 full(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj) {
+    const ModelDesc& c = rt_->manifest().model;
+    F32 x = typed<float>(x_obj, "x", "float32");
+    F32 t = typed<float>(t_obj, "t", "float32");
+    check_image("x", x);
+    const int b = int(x.shape(0));
+    if (t.ndim() != 1 || t.shape(0) != b)
+      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_of(t));
+    std::optional<I64> y = labels(y_obj, b);
+    F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
+    const float* xp = x.data();
+    const float* tp = t.data();
+    const int64_t* yp = y ? y->data() : nullptr;
+    float* ep = eps.mutable_data();
+    {
+      py::gil_scoped_release release;
+      rt_->full(b, xp, tp, yp, ep);
+    }
+    return eps;
+  }
+
+  const Manifest& manifest() const { return rt_->manifest(); }
+  std::string engine_name() const { return rt_->engine().name(); }
+  const std::string& device() const { return device_; }
+
+ private:
+  void check_image(const char* name, const F32& a) const {
+    const ModelDesc& c = rt_->manifest().model;
+    if (a.ndim() != 4 || a.shape(1) != c.in_chans || a.shape(2) != c.img_size || a.shape(3) != c.img_size)
+      throw py::value_error(std::string(name) + " must have shape (B, " + std::to_string(c.in_chans) + ", " +
+                            std::to_string(c.img_size) + ", " + std::to_string(c.img_size) + "), got " + shape_of(a));
+    if (a.shape(0) < 1 || a.shape(0) > rt_->manifest().max_batch)
+      throw py::value_error(std::string(name) + ": batch " + std::to_string(a.shape(0)) + " is outside 1.." +
+                            std::to_string(rt_->manifest().max_batch) + " (the engines' max_batch)");
+  }
+
+  std::optional<I64> labels(const py::object& y_obj, int b) const {
+    if (y_obj.is_none()) return std::nullopt;
+    I64 y = typed<int64_t>(y_obj, "y", "int64");
+    if (y.ndim() != 1 || y.shape(0) != b)
+      throw py::value_error("y must have shape (" + std::to_string(b) + ",), got " + shape_of(y));
+    return y;
+  }
+
+  std::string device_;
+  std::unique_ptr<Runtime> rt_;
+};
+
+py::dict model_dict(const Manifest& m) {
+  const ModelDesc& c = m.model;
+  py::dict d;
+  d["img_size"] = c.img_size;
+  d["in_chans"] = c.in_chans;
+  d["patch_size"] = c.patch_size;
+  d["embed_dim"] = c.embed_dim;
+  d["depth"] = c.depth;
+  d["num_heads"] = c.num_heads;
+  d["num_classes"] = c.num_classes;
+  d["null_class"] = c.null_class;
+  d["num_tokens"] = c.num_tokens;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(adadiff_rt, mod) {
+  mod.doc() =
+      "adadiff_rt: the early-exit runtime for adadiff engines folders (manifest.json + segments).\n"
+      "Runtime(engines_dir, device='cpu', engine='auto', precision='fp32', threads=0) loads and checks\n"
+      "the folder; denoise() runs one early-exit denoiser call, sample() a whole sampling loop.";
+  mod.attr("__version__") = "0.1.0";
+  mod.attr("MANIFEST_VERSION") = kManifestVersion;
+  mod.attr("has_openvino") = openvino_compiled();
+  mod.attr("has_cuda") = cuda_compiled();
+  mod.attr("has_tensorrt") = tensorrt_compiled();
+  register_buffer_view(mod);
+
+  py::class_<PyRuntime>(mod, "Runtime", R"doc(
+An engines folder loaded for inference.
+
+Runtime(engines_dir, device="cpu", engine="auto", precision="fp32", threads=0, *, segments=None,
+        cache_dir=None, device_id=0)
+
+engine: "auto" (OpenVINO on cpu, TensorRT on cuda, "dlpack" when segments is given), "openvino",
+"tensorrt" or "dlpack" (segments = {segment name: callable(*DLPack inputs) -> outputs}).
+precision: OpenVINO's inference precision, "fp32" (default) or "bf16". threads: OpenVINO CPU
+threads (0 = its default). cache_dir: OpenVINO compiled-model cache (default
+<engines_dir>/openvino_cache when writable, "" disables it).
+Every file is checked against its sha256 in manifest.json before use.
+)doc")
+      .def(py::init<const std::string&, const std::string&, const std::string&, const std::string&, int,
+                    std::optional<py::dict>, std::optional<std::string>, int>(),
+           py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("engine") = "auto", py::arg("precision") = "fp32",
+           py::arg("threads") = 0, py::kw_only(), py::arg("segments") = py::none(), py::arg("cache_dir") = py::none(),
+           py::arg("device_id") = 0)
+      .def("denoise", &PyRuntime::denoise, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
+           py::arg("policy") = "uem", py::arg("threshold") = py::none(), py::arg("patience") = 1,
+           py::arg("granularity") = "sample", py::arg("static_layer") = 0,
+           R"doc(One early-exit denoiser call: x float32 [B,C,H,W], t float32 [B] (continuous time), y int64 [B].
+
+Returns (eps float32 [B,C,H,W], exit_layer int64 [B] (1-based), u float32 [B,N] with NaN where not
+computed). policy "uem" | "static" | "saturation"; threshold None = the manifest's default;
+granularity "sample" (exited samples leave the batch) or "batch" (one decision for the batch).)doc")
+      .def("sample", &PyRuntime::sample, py::arg("noise"), py::arg("y") = py::none(), py::kw_only(),
+           py::arg("sampler") = "dpm++", py::arg("steps") = py::none(), py::arg("guidance") = py::none(),
+           py::arg("policy") = "uem", py::arg("threshold") = py::none(), py::arg("patience") = 1,
+           py::arg("granularity") = "sample", py::arg("static_layer") = 0, py::arg("eta") = 0.0, py::arg("seed") = 0,
+           R"doc(The whole sampling loop in C++ (mirrors adadiff_export.samplers).
+
+sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
+default (classifier-free guidance, one batched call: cond half first, then the null class).
+Returns (images float32 [B,C,H,W] in [-1, 1], layers_used int64 [steps, B_eff]), B_eff = 2B
+under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's own RNG (seed).)doc")
+      .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(),
+           "The `full` segment (the whole model in one graph): the speed baseline.")
+      .def_property_readonly("engine", &PyRuntime::engine_name)
+      .def_property_readonly("device", &PyRuntime::device)
+      .def_property_readonly("max_batch", [](const PyRuntime& r) { return r.manifest().max_batch; })
+      .def_property_readonly("depth", [](const PyRuntime& r) { return r.manifest().model.depth; })
+      .def_property_readonly("model", [](const PyRuntime& r) { return model_dict(r.manifest()); })
+      .def_property_readonly("default_threshold", [](const PyRuntime& r) { return r.manifest().exit.threshold; })
+      .def_property_readonly("default_guidance", [](const PyRuntime& r) { return r.manifest().exit.guidance; });
+}

@@ -1,0 +1,383 @@
+#include "runtime.hpp"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace adadiff {
+
+namespace {
+
+[[noreturn]] void invalid(const std::string& what) { throw std::invalid_argument(what); }
+
+// torch.linspace(start, end, points, dtype=float64): the same two-sided formula, so the time grid
+// (and everything computed from it) matches samplers.time_grid bit for bit.
+double linspace_at(double start, double end, int points, int i) {
+  if (points == 1) return start;
+  const double step = (end - start) / double(points - 1);
+  const int halfway = points / 2;
+  return i < halfway ? start + step * i : end - step * double(points - i - 1);
+}
+
+struct Schedule {
+  ScheduleDesc d;
+  double beta(double t) const { return d.beta_min + t * (d.beta_max - d.beta_min); }
+  double log_alpha(double t) const { return -0.25 * t * t * (d.beta_max - d.beta_min) - 0.5 * t * d.beta_min; }
+  double alpha(double t) const { return std::exp(log_alpha(t)); }
+  double sigma(double t) const {
+    double a = alpha(t);
+    return std::sqrt(1 - a * a);
+  }
+  double lambda(double t) const { return std::log(alpha(t) / sigma(t)); }
+};
+
+}  // namespace
+
+Runtime::Runtime(Manifest manifest, std::unique_ptr<Ops> ops, std::unique_ptr<Engine> engine)
+    : m_(std::move(manifest)), ops_(std::move(ops)), engine_(std::move(engine)) {
+  const ModelDesc& c = m_.model;
+  n_layers_ = c.depth;
+  k_ = c.num_in_blocks();
+  img_ = c.image_elems();
+  hid_ = c.hidden_elems();
+  dim_ = c.embed_dim;
+  seg_head_ = n_layers_ + 1;
+  seg_full_ = n_layers_ + 2;
+  cap_ = std::min(2 * m_.max_batch, engine_->max_batch());
+  if (cap_ < 1) throw std::runtime_error("engine " + engine_->name() + " accepts no batch at all");
+  Ops* o = ops_.get();
+  const size_t f = sizeof(float), i32 = sizeof(int), i64 = sizeof(int64_t);
+  x_in_ = Buffer(o, cap_ * img_ * f);
+  t_in_ = Buffer(o, cap_ * f);
+  y_in_ = Buffer(o, cap_ * i64);
+  u_ = Buffer(o, cap_ * f);
+  score_ = Buffer(o, cap_ * f);
+  eps_head_ = Buffer(o, cap_ * img_ * f);
+  eps_out_ = Buffer(o, cap_ * img_ * f);
+  u_all_ = Buffer(o, cap_ * n_layers_ * f);
+  exit_layer_ = Buffer(o, cap_ * i64);
+  for (auto& b : temb_) b = Buffer(o, cap_ * dim_ * f);
+  for (auto& b : active_) b = Buffer(o, cap_ * i32);
+  for (auto& b : count_) b = Buffer(o, cap_ * i32);
+  exit_idx_ = Buffer(o, cap_ * i32);
+  exit_dest_ = Buffer(o, cap_ * i32);
+  keep_idx_ = Buffer(o, cap_ * i32);
+  exit_count_ = Buffer(o, i32);
+  x_state_ = Buffer(o, cap_ * img_ * f);
+  x0_prev_ = Buffer(o, cap_ * img_ * f);
+  eps_cfg_ = Buffer(o, cap_ * img_ * f);
+  // Live hidden states peak at: k saved skips + the current state + the new one + one gather target.
+  const int pool = k_ + 4;
+  hidden_.reserve(pool);
+  for (int i = 0; i < pool; ++i) hidden_.emplace_back(o, cap_ * hid_ * f);
+  free_.reserve(pool);
+  saved_.reserve(k_);
+  const bool maps = m_.segments[1].outputs.size() == 3;
+  if (maps) u_map_ = Buffer(o, cap_ * img_ * f);
+}
+
+Runtime::~Runtime() = default;
+
+int Runtime::take() {
+  if (free_.empty()) throw std::logic_error("adadiff_rt: hidden-state pool exhausted (a bug)");
+  int id = free_.back();
+  free_.pop_back();
+  return id;
+}
+
+void Runtime::give(int id) { free_.push_back(id); }
+
+Runtime::Resolved Runtime::resolve(const DenoiseOptions& o) const {
+  Resolved r;
+  ExitParams& p = r.p;
+  if (o.policy == "uem") p.policy = Policy::Uem;
+  else if (o.policy == "static") p.policy = Policy::Static;
+  else if (o.policy == "saturation") p.policy = Policy::Saturation;
+  else invalid("policy must be one of 'uem', 'static', 'saturation', got '" + o.policy + "'");
+  if (o.granularity == "sample") p.granularity = Granularity::Sample;
+  else if (o.granularity == "batch") p.granularity = Granularity::Batch;
+  else invalid("granularity must be 'sample' or 'batch', got '" + o.granularity + "'");
+  const double thr = o.threshold ? *o.threshold : m_.exit.threshold;
+  if (!(thr >= 0.0 && thr <= 1.0)) invalid("threshold must be in [0, 1], got " + std::to_string(thr));
+  p.threshold = float(thr);
+  if (o.patience < 1) invalid("patience must be >= 1, got " + std::to_string(o.patience));
+  p.patience = o.patience;
+  if (o.static_layer < 0 || o.static_layer > n_layers_)
+    invalid("static_layer must be in 0.." + std::to_string(n_layers_) + " (0 = full depth), got " +
+            std::to_string(o.static_layer));
+  p.static_layer = o.static_layer > 0 ? o.static_layer : n_layers_;
+  p.n_layers = n_layers_;
+  return r;
+}
+
+void Runtime::check_inputs(const char* fn, int batch, const float* x, const float* t, const int64_t* y,
+                           int limit) const {
+  if (batch < 1 || batch > limit)
+    invalid(std::string(fn) + ": batch " + std::to_string(batch) + " is outside 1.." + std::to_string(limit) +
+            " (the engines' max_batch)");
+  const int64_t nx = int64_t(batch) * img_;
+  for (int64_t i = 0; i < nx; ++i)
+    if (!std::isfinite(x[i]))
+      invalid(std::string(fn) + ": input x holds NaN or Inf (first at flat index " + std::to_string(i) + ")");
+  if (t) {
+    for (int i = 0; i < batch; ++i)
+      if (!std::isfinite(t[i])) invalid(std::string(fn) + ": input t holds NaN or Inf at " + std::to_string(i));
+  }
+  const ModelDesc& c = m_.model;
+  if (c.conditional()) {
+    if (!y) invalid(std::string(fn) + ": this model is class-conditional; y (int64 [B]) is required");
+    for (int i = 0; i < batch; ++i)
+      if (y[i] < 0 || y[i] > c.num_classes)
+        invalid(std::string(fn) + ": y[" + std::to_string(i) + "] = " + std::to_string(y[i]) + " is outside 0.." +
+                std::to_string(c.num_classes) + " (" + std::to_string(c.null_class) + " is the null class)");
+  } else if (y) {
+    invalid(std::string(fn) + ": this model is unconditional; pass y=None");
+  }
+}
+
+void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_t* exit_layer) {
+  free_.clear();
+  for (int i = int(hidden_.size()) - 1; i >= 0; --i) free_.push_back(i);
+  saved_.clear();
+  int tb = 0, ab = 0;
+
+  const SegmentDesc& stem = m_.segments[0];
+  int hcur = take();
+  {
+    void* in[3] = {nullptr, nullptr, nullptr};
+    void* out[2] = {nullptr, nullptr};
+    in[stem.input_index("x")] = const_cast<void*>(x);
+    in[stem.input_index("t")] = t_in_.as();
+    if (m_.model.conditional()) in[stem.input_index("y")] = y_in_.as();
+    out[stem.output_index("h")] = hidden_[hcur].as();
+    out[stem.output_index("temb")] = temb_[tb].as();
+    engine_->run(0, n, in, out);
+  }
+  ops_->iota_zero(active_[ab].as<int>(), count_[ab].as<int>(), n);
+  if (base.policy == Policy::Uem) ops_->fill_f32(u_all_.as<float>(), int64_t(n) * n_layers_, NAN);
+
+  bool identity = true;  // no sample has left yet: row j is still sample j
+  const size_t hrow = hid_ * sizeof(float), erow = img_ * sizeof(float), trow = dim_ * sizeof(float);
+  for (int i = 0; i < n_layers_; ++i) {
+    const SegmentDesc& seg = m_.segments[1 + i];
+    const int hout = take();
+    void* in[3] = {nullptr, nullptr, nullptr};
+    void* out[3] = {nullptr, nullptr, nullptr};
+    in[seg.input_index("h_in")] = hidden_[hcur].as();
+    in[seg.input_index("temb")] = temb_[tb].as();
+    if (seg.skip_from) in[seg.input_index("skip")] = hidden_[saved_[seg.skip_from - 1]].as();
+    out[seg.output_index("h_out")] = hidden_[hout].as();
+    out[seg.output_index("u")] = u_.as();
+    if (seg.outputs.size() == 3) out[seg.output_index("u_map")] = u_map_.as();
+    engine_->run(1 + i, n, in, out);
+
+    const bool last = i == n_layers_ - 1;
+    const float* score = u_.as<float>();
+    if (base.policy == Policy::Saturation && !last) {
+      ops_->relative_change(score_.as<float>(), hidden_[hout].as<float>(), hidden_[hcur].as<float>(), n, hid_);
+      score = score_.as<float>();
+    }
+    bool cur_saved = false;
+    for (int s : saved_) cur_saved |= s == hcur;
+    if (!cur_saved) give(hcur);
+    hcur = hout;
+    if (i < k_) saved_.push_back(hout);
+
+    ExitParams p = base;
+    p.layer = i;
+    ExitBuffers b{score,
+                  active_[ab].as<int>(),
+                  count_[ab].as<int>(),
+                  active_[1 - ab].as<int>(),
+                  count_[1 - ab].as<int>(),
+                  exit_idx_.as<int>(),
+                  exit_dest_.as<int>(),
+                  keep_idx_.as<int>(),
+                  exit_layer,
+                  u_all_.as<float>(),
+                  exit_count_.as<int>()};
+    const int m = ops_->decide(p, b, n);
+    ab = 1 - ab;  // decide wrote the kept rows' samples and counters into the other pair
+    if (m == 0) continue;
+
+    void* head_in[1];
+    void* head_out[1];
+    if (m == n) {
+      head_in[0] = hidden_[hcur].as();
+      head_out[0] = identity ? eps_out_.as() : eps_head_.as();
+      engine_->run(seg_head_, n, head_in, head_out);
+      if (!identity) ops_->scatter_rows(eps_out_.as(), eps_head_.as(), exit_dest_.as<int>(), m, erow);
+      break;
+    }
+    const int hx = take();
+    ops_->gather_rows(hidden_[hx].as(), hidden_[hcur].as(), exit_idx_.as<int>(), m, hrow);
+    head_in[0] = hidden_[hx].as();
+    head_out[0] = eps_head_.as();
+    engine_->run(seg_head_, m, head_in, head_out);
+    ops_->scatter_rows(eps_out_.as(), eps_head_.as(), exit_dest_.as<int>(), m, erow);
+    give(hx);
+
+    // Compaction: the samples still running move to the front of fresh buffers (out of place,
+    // so the CUDA gather never reads a row another thread is writing).
+    const int keep = n - m;
+    const int* kidx = keep_idx_.as<int>();
+    bool cur_done = false;
+    for (int& s : saved_) {
+      const int dst = take();
+      ops_->gather_rows(hidden_[dst].as(), hidden_[s].as(), kidx, keep, hrow);
+      if (s == hcur) {
+        hcur = dst;
+        cur_done = true;
+      }
+      give(s);
+      s = dst;
+    }
+    if (!cur_done) {
+      const int dst = take();
+      ops_->gather_rows(hidden_[dst].as(), hidden_[hcur].as(), kidx, keep, hrow);
+      give(hcur);
+      hcur = dst;
+    }
+    ops_->gather_rows(temb_[1 - tb].as(), temb_[tb].as(), kidx, keep, trow);
+    tb = 1 - tb;
+    identity = false;
+    n = keep;
+  }
+}
+
+void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o,
+                      float* eps, int64_t* exit_layer, float* u) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Resolved r = resolve(o);
+  check_inputs("denoise", batch, x, t, y, std::min(m_.max_batch, cap_));
+  ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
+  ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
+  if (y) ops_->upload(y_in_.as(), y, size_t(batch) * sizeof(int64_t));
+  run_exit_loop(batch, x_in_.as(), r.p, exit_layer_.as<int64_t>());
+  ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
+  ops_->download(exit_layer, exit_layer_.as(), size_t(batch) * sizeof(int64_t));
+  if (r.p.policy == Policy::Uem) {
+    ops_->download(u, u_all_.as(), size_t(batch) * n_layers_ * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < int64_t(batch) * n_layers_; ++i) u[i] = NAN;
+  }
+}
+
+void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, float* eps) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_inputs("full", batch, x, t, y, std::min(m_.max_batch, cap_));
+  ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
+  ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
+  if (y) ops_->upload(y_in_.as(), y, size_t(batch) * sizeof(int64_t));
+  const SegmentDesc& seg = m_.segments[seg_full_];
+  void* in[3] = {nullptr, nullptr, nullptr};
+  void* out[1] = {eps_out_.as()};
+  in[seg.input_index("x")] = x_in_.as();
+  in[seg.input_index("t")] = t_in_.as();
+  if (m_.model.conditional()) in[seg.input_index("y")] = y_in_.as();
+  engine_->run(seg_full_, batch, in, out);
+  ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
+}
+
+int Runtime::resolve_steps(const SampleOptions& o) const {
+  if (o.steps < 0) invalid("steps must be >= 1, got " + std::to_string(o.steps));
+  if (o.steps > 0) return o.steps;
+  if (o.sampler == "dpm++") return 50;
+  if (o.sampler == "ddim") return 100;
+  if (o.sampler == "euler") return 1000;
+  invalid("sampler must be one of 'dpm++', 'ddim', 'euler', got '" + o.sampler + "'");
+}
+
+double Runtime::resolve_guidance(const SampleOptions& o) const {
+  const double w = o.guidance ? *o.guidance : m_.exit.guidance;
+  if (!std::isfinite(w) || w < 0) invalid("guidance must be a finite number >= 0, got " + std::to_string(w));
+  if (w != 1.0 && !m_.model.conditional())
+    invalid("guidance " + std::to_string(w) + " needs a class-conditional model; this one is unconditional (use 1)");
+  return w;
+}
+
+void Runtime::sample(int batch, const float* noise, const int64_t* y, const SampleOptions& o, float* images,
+                     std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (o.sampler != "dpm++" && o.sampler != "ddim" && o.sampler != "euler")
+    invalid("sampler must be one of 'dpm++', 'ddim', 'euler', got '" + o.sampler + "'");
+  const int steps = resolve_steps(o);
+  const double w = resolve_guidance(o);
+  const bool guided = w != 1.0;
+  if (!(o.eta >= 0) || !std::isfinite(o.eta)) invalid("eta must be a finite number >= 0");
+  const Resolved r = resolve(o.exit);
+  const int limit = guided ? std::min(m_.max_batch, cap_ / 2) : std::min(m_.max_batch, cap_);
+  check_inputs("sample", batch, noise, nullptr, y, limit);
+  const int be = guided ? 2 * batch : batch;
+  const int64_t n_img = int64_t(batch) * img_;
+
+  // Everything the loop needs is allocated or uploaded here, before it starts.
+  Buffer history(ops_.get(), size_t(steps) * be * sizeof(int64_t));
+  ops_->upload(x_state_.as(), noise, n_img * sizeof(float));
+  if (y) {
+    std::vector<int64_t> yy(be, m_.model.null_class);
+    for (int i = 0; i < batch; ++i) yy[i] = y[i];
+    ops_->upload(y_in_.as(), yy.data(), be * sizeof(int64_t));
+  }
+  const Schedule sch{m_.schedule};
+  double h_prev = 0.0;
+  float* x = x_state_.as<float>();
+  for (int n = 0; n < steps; ++n) {
+    const double t = linspace_at(1.0, m_.schedule.t_eps, steps + 1, n);
+    const double s = linspace_at(1.0, m_.schedule.t_eps, steps + 1, n + 1);
+    ops_->fill_f32(t_in_.as<float>(), be, float(t));
+    const void* xin = x;
+    if (guided) {
+      ops_->copy(x_in_.as(), x, n_img * sizeof(float));
+      ops_->copy(x_in_.as<float>() + n_img, x, n_img * sizeof(float));
+      xin = x_in_.as();
+    }
+    run_exit_loop(be, xin, r.p, history.as<int64_t>() + int64_t(n) * be);
+    const float* eps = eps_out_.as<float>();
+    if (guided) {
+      ops_->cfg_combine(eps_cfg_.as<float>(), eps, n_img, float(w));
+      eps = eps_cfg_.as<float>();
+    }
+    StepCoefs c;
+    c.seed = o.seed;
+    c.step = uint64_t(n);
+    const double a_t = sch.alpha(t), s_t = sch.sigma(t), a_s = sch.alpha(s), s_s = sch.sigma(s);
+    c.a_t = float(a_t);
+    c.s_t = float(s_t);
+    if (o.sampler == "ddim") {
+      c.kind = StepKind::Ddim;
+      const double cn = o.eta * (s_s / s_t) * std::sqrt(std::max(0.0, 1.0 - (a_t / a_s) * (a_t / a_s)));
+      c.c_x0 = float(a_s);
+      c.c_eps = float(std::sqrt(std::max(0.0, s_s * s_s - cn * cn)));
+      c.noise = cn > 0 ? float(cn) : 0.0f;
+    } else if (o.sampler == "dpm++") {
+      const double h = sch.lambda(s) - sch.lambda(t);
+      c.kind = n == 0 ? StepKind::DpmFirst : StepKind::DpmSecond;
+      if (n > 0) {
+        const double rr = h_prev / h;
+        c.d_cur = float(1 + 1 / (2 * rr));
+        c.d_prev = float(1 / (2 * rr));
+      }
+      c.r_x = float(s_s / s_t);
+      c.r_d = float(a_s * std::expm1(-h));
+      h_prev = h;
+    } else {
+      const double dt = t - s, beta = sch.beta(t);
+      c.kind = StepKind::Euler;
+      c.half_beta = float(0.5 * beta);
+      c.beta = float(beta);
+      c.sigma = float(s_t);
+      c.dt = float(dt);
+      c.noise = n < steps - 1 ? float(std::sqrt(beta * dt)) : 0.0f;
+    }
+    ops_->sampler_step(c, x, eps, x0_prev_.as<float>(), n_img);
+  }
+  ops_->clamp_unit(x, n_img);
+  ops_->download(images, x, n_img * sizeof(float));
+  layers.resize(size_t(steps) * be);
+  ops_->download(layers.data(), history.as(), layers.size() * sizeof(int64_t));
+  steps_out = steps;
+  batch_eff_out = be;
+}
+
+}  // namespace adadiff

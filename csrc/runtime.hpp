@@ -1,0 +1,88 @@
+// The early-exit runtime: buffers, the exit loop with compaction, and the sampling loop.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine.hpp"
+#include "manifest.hpp"
+#include "ops.hpp"
+
+namespace adadiff {
+
+struct DenoiseOptions {
+  std::string policy = "uem";
+  std::optional<double> threshold;  // none: the manifest's default
+  int patience = 1;
+  std::string granularity = "sample";
+  int static_layer = 0;
+};
+
+struct SampleOptions {
+  std::string sampler = "dpm++";
+  int steps = 0;          // 0: the sampler's default (dpm++ 50, ddim 100, euler 1000)
+  std::optional<double> guidance;  // none: the manifest's default
+  double eta = 0.0;
+  uint64_t seed = 0;
+  DenoiseOptions exit;
+};
+
+class Runtime {
+ public:
+  // `capacity`: rows the buffers hold (2 x max_batch so guided sampling fits one call).
+  Runtime(Manifest manifest, std::unique_ptr<Ops> ops, std::unique_ptr<Engine> engine);
+  ~Runtime();
+
+  const Manifest& manifest() const { return m_; }
+  int capacity() const { return cap_; }
+  const Engine& engine() const { return *engine_; }
+  bool is_cuda() const { return ops_->is_cuda(); }
+
+  // Host arrays in and out. eps [B, C, H, W], exit_layer [B], u [B, N].
+  void denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o, float* eps,
+               int64_t* exit_layer, float* u);
+  // images [B, C, H, W]; layers [steps, B_eff] with B_eff = 2B under guidance.
+  void sample(int batch, const float* noise, const int64_t* y, const SampleOptions& o, float* images,
+              std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out);
+  // The `full` graph (the speed baseline).
+  void full(int batch, const float* x, const float* t, const int64_t* y, float* eps);
+
+  // Resolved values, for the Python layer's shape bookkeeping.
+  int resolve_steps(const SampleOptions& o) const;
+  double resolve_guidance(const SampleOptions& o) const;
+
+ private:
+  struct Resolved {
+    ExitParams p;
+  };
+  Resolved resolve(const DenoiseOptions& o) const;
+  void check_inputs(const char* fn, int batch, const float* x, const float* t, const int64_t* y, int limit) const;
+  // The exit loop: x/t/y in runtime buffers (n rows); eps into eps_out_, layers into exit_layer
+  // (runtime memory, n entries), u into u_all_.
+  void run_exit_loop(int n, const void* x, const ExitParams& p, int64_t* exit_layer);
+  int take();
+  void give(int id);
+
+  Manifest m_;
+  std::unique_ptr<Ops> ops_;
+  std::unique_ptr<Engine> engine_;
+  std::mutex mu_;  // one call at a time per Runtime; separate Runtimes run in parallel
+
+  int cap_ = 0, n_layers_ = 0, k_ = 0;
+  int64_t img_ = 0, hid_ = 0, dim_ = 0;
+  int seg_head_ = 0, seg_full_ = 0;
+
+  Buffer x_in_, t_in_, y_in_, u_, score_, eps_head_, eps_out_, u_all_, exit_layer_;
+  Buffer temb_[2];
+  Buffer active_[2], count_[2], exit_idx_, exit_dest_, keep_idx_, exit_count_;
+  Buffer x_state_, x0_prev_, eps_cfg_, u_map_;
+  std::vector<Buffer> hidden_;
+  std::vector<int> free_;
+  std::vector<int> saved_;
+};
+
+}  // namespace adadiff
