@@ -75,25 +75,34 @@ class OracleFigureData:
 
 # ----- Figure 5 ---------------------------------------------------------------
 def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, full_ms: float, full_fd: float,
-                  title: str = "Quality vs. time") -> Path:
-    """Figure 5 with time instead of layers: FD against wall-clock time, one line per policy."""
+                  full_layers: float, title: str = "Quality vs. time") -> Path:
+    """Figure 5 twice: FD against mean layers (the paper's axis) and against wall-clock time.
+
+    Saturation runs on the PyTorch oracle (the runtime has no saturation policy), so its time
+    is PyTorch time, not the runtime's: the legend says so.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for policy in ("uem", "static", "saturation"):
-        pts = sorted((p for p in points if p.policy == policy), key=lambda p: p.ms)
-        if not pts:
-            continue
-        color, marker = POLICY_STYLE[policy]
-        ax.plot([p.ms for p in pts], [p.fd for p in pts], marker=marker, color=color, label=policy)
-        for p in pts:
-            label = f"L{int(p.setting)}" if policy == "static" else f"{p.setting:g}"
-            ax.annotate(label, (p.ms, p.fd), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    ax.scatter([full_ms], [full_fd], marker="*", s=140, color="black", zorder=5, label="full depth")
-    ax.set_xlabel("time per 50-step sampling run (ms, lower is faster)")
-    ax.set_ylabel("FD to test set (classifier features, lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(title="exit policy (labels: threshold / layer)", fontsize=8, title_fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4))
+    labels = {"uem": "uem (adadiff_rt)", "static": "static (adadiff_rt)", "saturation": "saturation (PyTorch oracle)"}
+    for ax, xkey, full_x, xlabel in (
+            (axes[0], "mean_layers", full_layers, "mean layers per denoiser call"),
+            (axes[1], "ms", full_ms, "time per 50-step sampling run (ms, lower is faster)")):
+        for policy in ("uem", "static", "saturation"):
+            pts = sorted((p for p in points if p.policy == policy), key=lambda p: getattr(p, xkey))
+            if not pts:
+                continue
+            color, marker = POLICY_STYLE[policy]
+            xs = [getattr(p, xkey) for p in pts]
+            ax.plot(xs, [p.fd for p in pts], marker=marker, color=color, label=labels[policy])
+            for p, xv in zip(pts, xs):
+                text = f"L{int(p.setting)}" if policy == "static" else f"{p.setting:.3g}"
+                ax.annotate(text, (xv, p.fd), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        ax.scatter([full_x], [full_fd], marker="*", s=140, color="black", zorder=5, label="full depth (adadiff_rt)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("FD to test set (classifier features, lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="policy (labels: threshold / exit layer)", fontsize=8, title_fontsize=8)
+    fig.suptitle(title + " (Figure 5)", fontsize=10)
     return _save(fig, path)
 
 

@@ -1,0 +1,862 @@
+"""`python -m adadiff_export bench`: every peer side by side, in one process, interleaved.
+
+What is measured (all on this machine, medians of repeated runs after a warm-up, cases of one
+(workload, batch) cell interleaved round-robin so that drifts of the machine hit every case alike):
+
+- peers: PyTorch eager at full depth; the authors' style of early exit in PyTorch (one decision
+  per batch, head and UEM evaluated at every layer); onnxruntime on `full`; OpenVINO (f32) on `full`;
+- ours: adadiff_rt at threshold 0 (every layer: the cost of segmenting), a threshold sweep with
+  granularity `sample` and `batch`, static exit at the matched layer budget, and saturation at the
+  matched budget (through the PyTorch oracle: the runtime has no saturation policy);
+- workloads: one denoiser call (`denoise`) and one whole 50-step DPM-Solver++ run with
+  classifier-free guidance (`sample`), at batch 1, 8 and 64;
+- the U-ViT-S/2 CIFAR-10 shape with untrained weights (speed does not depend on the weights):
+  `denoise` only, small batches, static exit at the shipped model's mean layer count.
+
+Columns: time, speedup over the fastest full-depth peer of the same cell, mean layers, the ideal
+speedup from the profiled per-segment costs, efficiency (achieved / ideal), FD and class accuracy
+(from a separate sampling run of `--n` images per setting; FD in the shipped classifier's feature
+space, not Inception FID) and the prediction error against full depth (mse of this case's output
+to PyTorch full depth on the same inputs: eps for `denoise`, images for `sample`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import Loaded
+from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
+from .model import UViT
+from .samplers import guided, sample_dpm_solver_pp
+
+FULL_PEERS = ("torch-eager", "onnxruntime", "openvino")
+
+
+# ----- configuration and rows ---------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one bench run measures; `quick()` is the few-minutes variant."""
+
+    checkpoint: Optional[Path] = None
+    out: Path = Path("bench_out")
+    denoise_batches: Tuple[int, ...] = (1, 8, 64)
+    sample_batches: Tuple[int, ...] = (1, 8, 64)
+    sweep_batches: Tuple[int, ...] = (8,)         # sample-workload batches that also time the sweep
+    steps: int = 50
+    repeats: int = 3
+    warmup: int = 1
+    n_quality: int = 256
+    sweep: Tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # thresholds as multiples of the default
+    guidance: Optional[float] = None               # None: the checkpoint's
+    threshold: Optional[float] = None              # None: the checkpoint's default
+    cifar: bool = True
+    cifar_batches: Tuple[int, ...] = (1, 4)
+    threads: int = 0
+    seed: int = 0
+
+    @staticmethod
+    def quick(**kw) -> "BenchConfig":
+        base = dict(denoise_batches=(1, 64), sample_batches=(1, 8), sweep_batches=(8,), repeats=2,
+                    n_quality=64, sweep=(0.5, 1.0, 2.0), cifar_batches=(1,))
+        base.update(kw)
+        return BenchConfig(**base)
+
+
+@dataclass
+class Row:
+    """One line of the table (and of the JSON list)."""
+
+    model: str
+    workload: str                 # denoise | sample
+    batch: int
+    engine: str
+    policy: str                   # full | uem | static | saturation
+    granularity: str              # sample | batch | "-"
+    threshold: Optional[float]
+    ms: float
+    mean_layers: float
+    speedup: float = float("nan")
+    ideal_speedup: float = float("nan")
+    efficiency: float = float("nan")
+    fd: float = float("nan")
+    accuracy: float = float("nan")
+    pred_mse: float = float("nan")
+    default: bool = False
+    static_layer: Optional[int] = None
+    note: str = ""
+
+
+# ----- machine -------------------------------------------------------------------
+def machine() -> Dict[str, object]:
+    """CPU model and cores from /proc/cpuinfo, and the versions of every engine measured."""
+    model, cores = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
+        model = names[0] if names else model
+        cores = {ln for ln in text.splitlines() if ln.startswith("core id") or ln.startswith("physical id")}
+    except OSError:
+        pass
+    info: Dict[str, object] = {"cpu": model, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+                               "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    for mod in ("onnxruntime", "openvino", "adadiff_rt"):
+        try:
+            info[mod] = getattr(__import__(mod), "__version__", "present")
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def machine_line(info: Dict[str, object]) -> str:
+    return (f"{info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
+            f"onnxruntime {info.get('onnxruntime')}, OpenVINO {info.get('openvino')}")
+
+
+# ----- timing --------------------------------------------------------------------
+@dataclass
+class Case:
+    """One thing to time: `run()` does the work and returns its output and the exit layers it used."""
+
+    row: Row
+    run: Callable[[], Tuple[Tensor, np.ndarray]]
+    warm: Optional[Callable[[], object]] = None  # cheaper warm-up (default: `run`)
+    times: List[float] = field(default_factory=list)
+    output: Optional[Tensor] = None
+    layers: Optional[np.ndarray] = None
+
+
+def time_interleaved(cases: Sequence[Case], repeats: int, warmup: int, tick: Callable[[], None] = lambda: None) -> None:
+    """Warm every case up, then run them round-robin `repeats` times (rotating who goes first)."""
+    for c in cases:
+        for _ in range(warmup):
+            (c.warm or c.run)()
+    for r in range(repeats):
+        for j in range(len(cases)):
+            c = cases[(j + r) % len(cases)]
+            start = time.perf_counter()
+            out, layers = c.run()
+            c.times.append((time.perf_counter() - start) * 1e3)
+            if c.output is None:
+                c.output, c.layers = out, layers
+            tick()
+    for c in cases:
+        c.row.ms = statistics.median(c.times)
+        if c.layers is not None and c.layers.size:
+            c.row.mean_layers = float(np.mean(c.layers))
+
+
+# ----- peers (all `(x, t, y) -> eps` on torch tensors) ------------------------------
+class AuthorsEarlyExit:
+    """The authors' inference rule in PyTorch: head and UEM after every layer, one decision per batch."""
+
+    def __init__(self, model: UViT, threshold: float) -> None:
+        self.model, self.threshold = model, threshold
+        self.layers: List[int] = []
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        m = self.model
+        h, temb = m.stem(x, t, y)
+        saved: List[Tensor] = []
+        eps = None
+        for i in range(m.depth):
+            src = m.skip_source(i)
+            h = m.layer(i, h, saved[src] if src is not None else None)
+            if i < m.config.num_in_blocks:
+                saved.append(h)
+            eps = m.head(h)
+            u = m.uncertainty(i, h, temb).mean()
+            if float(u) < self.threshold:
+                break
+        self.layers.append(i + 1)
+        return eps
+
+
+def onnxruntime_full(path: Path, threads: int) -> Callable:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def fn(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        feed = {"x": x.numpy(), "t": t.float().numpy()}
+        if "y" in names:
+            feed["y"] = y.numpy()
+        return torch.from_numpy(sess.run(["eps"], feed)[0])
+
+    return fn
+
+
+def openvino_full(path: Path, threads: int) -> Callable:
+    """OpenVINO CPU on `full` in f32 (this CPU would otherwise silently run bf16)."""
+    import openvino as ov
+
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(path), "CPU", cfg)
+    req = compiled.create_infer_request()
+    names = {p.get_any_name() for p in compiled.inputs}
+
+    def fn(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        feed = {"x": x.numpy(), "t": t.float().numpy()}
+        if "y" in names:
+            feed["y"] = y.numpy()
+        res = req.infer(feed)
+        return torch.from_numpy(np.array(res[compiled.output(0)]))
+
+    return fn
+
+
+# ----- ours ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RtSetting:
+    """An adadiff_rt exit setting (policy `full` = uem at threshold 0)."""
+
+    policy: str
+    threshold: float = 0.0
+    granularity: str = "sample"
+    static_layer: int = 0
+
+    def kwargs(self) -> Dict[str, object]:
+        if self.policy == "static":
+            return dict(policy="static", threshold=0.0, granularity=self.granularity, static_layer=self.static_layer)
+        return dict(policy="uem", threshold=self.threshold, granularity=self.granularity)
+
+
+def rt_denoise(runtime, s: RtSetting) -> Callable:
+    def fn(x: Tensor, t: Tensor, y: Optional[Tensor]):
+        eps, exit_layer, _ = runtime.denoise(x.numpy(), t.float().numpy(), None if y is None else y.numpy(), **s.kwargs())
+        return torch.as_tensor(np.asarray(eps)), np.asarray(exit_layer)
+
+    return fn
+
+
+def rt_sample(runtime, s: RtSetting, steps: int, guidance: float, seed: int) -> Callable:
+    def fn(noise: Tensor, y: Optional[Tensor], n_steps: int = steps):
+        img, used = runtime.sample(noise.numpy(), None if y is None else y.numpy(), sampler="dpm++",
+                                   steps=n_steps, guidance=guidance, seed=seed, **s.kwargs())
+        return torch.as_tensor(np.asarray(img)), np.asarray(used)
+
+    return fn
+
+
+# ----- contenders: one interface over peers and ours ---------------------------------------
+DenoiseFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, np.ndarray]]
+SampleFn = Callable[..., Tuple[Tensor, np.ndarray]]  # (noise, y, steps) -> images, layers [steps, B_eff]
+
+
+@dataclass
+class Contender:
+    """Something that can denoise once and sample 50 steps, with a description for its rows."""
+
+    engine: str
+    policy: str
+    granularity: str
+    threshold: Optional[float]
+    denoise: DenoiseFn
+    sample: SampleFn
+    static_layer: Optional[int] = None
+    default: bool = False
+    note: str = ""
+    in_sweep: bool = False  # part of the threshold sweep (timed on the sample workload at sweep batches only)
+
+    def row(self, model: str, workload: str, batch: int) -> Row:
+        return Row(model, workload, batch, self.engine, self.policy, self.granularity, self.threshold,
+                   float("nan"), float("nan"), default=self.default, static_layer=self.static_layer, note=self.note)
+
+
+class _Recorder:
+    """Wraps a torch denoiser and keeps the exit layers of every call."""
+
+    def __init__(self, fn: Callable, layers_of: Callable[[Callable, int], np.ndarray]) -> None:
+        self.fn, self.layers_of = fn, layers_of
+        self.history: List[np.ndarray] = []
+
+    def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        eps = self.fn(x, t, y)
+        self.history.append(self.layers_of(self.fn, x.shape[0]))
+        return eps
+
+
+def python_contender(engine: str, policy: str, fn: Callable, layers_of: Callable[[Callable, int], np.ndarray],
+                     schedule, guidance: float, null_class: int, **kw) -> Contender:
+    """A Python denoiser (PyTorch, onnxruntime, OpenVINO) run by the Python DPM-Solver++ loop."""
+    rec = _Recorder(fn, layers_of)
+
+    @torch.no_grad()
+    def denoise(x: Tensor, t: Tensor, y: Optional[Tensor]):
+        rec.history.clear()
+        return rec(x, t, y), rec.history[-1]
+
+    @torch.no_grad()
+    def run_sample(noise: Tensor, y: Optional[Tensor], steps: int):
+        rec.history.clear()
+        img = sample_dpm_solver_pp(guided(rec, guidance, null_class), noise.clone(), schedule, steps, y=y)
+        return img, np.stack(rec.history)
+
+    return Contender(engine, policy, kw.pop("granularity", "-"), kw.pop("threshold", None), denoise, run_sample, **kw)
+
+
+def _full_layers(n: int) -> Callable[[Callable, int], np.ndarray]:
+    return lambda fn, b: np.full(b, n)
+
+
+def _authors_layers(fn: AuthorsEarlyExit, b: int) -> np.ndarray:
+    return np.full(b, fn.layers[-1])
+
+
+def _oracle_layers(fn: EarlyExitDenoiser, b: int) -> np.ndarray:
+    return fn.history[-1].numpy()
+
+
+def rt_contender(runtime, s: RtSetting, steps: int, guidance: float, seed: int, **kw) -> Contender:
+    den, smp = rt_denoise(runtime, s), rt_sample(runtime, s, steps, guidance, seed)
+    policy = "full" if s.policy == "uem" and s.threshold == 0 else s.policy
+    thr = None if s.policy == "static" else s.threshold
+    return Contender("adadiff_rt", policy, s.granularity, thr, den, lambda noise, y, n: smp(noise, y, n),
+                     static_layer=s.static_layer or None, **kw)
+
+
+# ----- segment costs and the ideal speedup -------------------------------------------------
+@dataclass
+class SegmentCosts:
+    """Median latency (ms) of each segment at one batch size."""
+
+    batch: int
+    stem: float
+    layers: List[float]
+    head: float
+
+    @property
+    def full_depth(self) -> float:
+        return self.stem + sum(self.layers) + self.head
+
+
+def ideal_speedup(layers: np.ndarray, costs: SegmentCosts) -> float:
+    """Full-depth segment cost over the cost of the layers actually run (rows exiting at `layers`).
+
+    `layers` is [B] (one call) or [calls, B]; each call pays stem and head once and layer i in
+    proportion to the rows still running at layer i (the cost model of per-sample compaction).
+    """
+    calls = np.atleast_2d(layers)
+    n = len(costs.layers)
+    depth = np.arange(1, n + 1)
+    frac = (calls[:, :, None] >= depth[None, None, :]).mean(axis=1)  # [calls, N]
+    spent = calls.shape[0] * (costs.stem + costs.head) + float((frac * np.asarray(costs.layers)).sum())
+    return calls.shape[0] * costs.full_depth / spent
+
+
+def profile_segments(engines: Path, batch: int, threads: int = 0) -> SegmentCosts:
+    """Per-segment latency at `batch` through OpenVINO f32 (the engine adadiff_rt runs on CPU), from `profile`."""
+    from .profile import segment_costs
+
+    costs = segment_costs(engines, engine="openvino", batch=batch, warmup=2, iters=7, threads=threads or None)
+    n = sum(1 for k in costs if k.startswith("layer_"))
+    return SegmentCosts(batch, costs["stem"], [costs[f"layer_{i}"] for i in range(1, n + 1)], costs["head"])
+
+
+# ----- quality: FD and accuracy of each setting from one sampling run of n images ------------------
+@dataclass
+class Quality:
+    fd: float
+    accuracy: float
+    mean_layers: float
+    ms_per_chunk: float   # median wall time of one 50-step run of `chunk` images (Figure 5's time axis)
+    chunk: int
+
+
+def measure_quality(sample_fn: SampleFn, clf, shape: Tuple[int, int, int], num_classes: int, n: int, chunk: int,
+                    steps: int, seed: int) -> Quality:
+    """Sample n images (labels i % classes) in chunks with `sample_fn`, then FD and class accuracy."""
+    from .generate import noise_and_labels
+    from .metrics import class_accuracy, fd_to_test_set
+
+    noise, labels = noise_and_labels(shape, num_classes, n, seed)
+    images, layers, ms = [], [], []
+    for i in range(0, n, chunk):
+        sl = slice(i, min(n, i + chunk))
+        start = time.perf_counter()
+        img, used = sample_fn(noise[sl], None if labels is None else labels[sl], steps)
+        ms.append((time.perf_counter() - start) * 1e3)
+        images.append(img)
+        layers.append(np.asarray(used).reshape(-1))
+    images_t = torch.cat(images)
+    acc = class_accuracy(clf, images_t, labels) if labels is not None else float("nan")
+    return Quality(fd_to_test_set(clf, images_t), acc, float(np.concatenate(layers).mean()), statistics.median(ms), chunk)
+
+
+# ----- matching saturation to a layer budget -------------------------------------------------
+@torch.no_grad()
+def saturation_scores(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+    """[B, N-1] relative change ||h_i - h_{i-1}|| / ||h_{i-1}|| of every layer but the last (the oracle's score)."""
+    h, _ = model.stem(x, t, y)
+    prev, out = [h], []
+
+    def record(i: int, hi: Tensor) -> None:
+        if i < model.depth - 1:
+            out.append((hi - prev[0]).flatten(1).norm(dim=1) / prev[0].flatten(1).norm(dim=1).clamp_min(1e-12))
+        prev[0] = hi
+
+    model.run_layers(h, record)
+    return torch.stack(out, dim=1)
+
+
+def layers_at(scores: Tensor, threshold: float) -> float:
+    """Mean exit layer for patience 1, granularity sample: the first layer whose score is below threshold."""
+    below = scores < threshold
+    n = scores.shape[1] + 1
+    first = torch.where(below.any(dim=1), below.float().argmax(dim=1) + 1, torch.full_like(below[:, 0], n, dtype=torch.long))
+    return float(first.float().mean())
+
+
+def match_threshold(scores: Tensor, target_layers: float, iters: int = 40) -> float:
+    """The threshold at which `scores` exit after `target_layers` layers on average (bisection)."""
+    lo, hi = 0.0, float(scores.max()) * 1.01 + 1e-9
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if layers_at(scores, mid) > target_layers:
+            lo = mid
+        else:
+            hi = mid
+    # lo exits later than the target, hi no later: take whichever lands nearer
+    return min((lo, hi), key=lambda v: abs(layers_at(scores, v) - target_layers))
+
+
+@torch.no_grad()
+def trajectory_inputs(loaded: Loaded, guidance: float, n: int, steps: int, seed: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Every denoiser input (x, t, y) of a full-depth guided sampling run of n images."""
+    from .generate import noise_and_labels
+
+    m, c = loaded.model, loaded.model.config
+    noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, n, seed)
+    xs, ts, ys = [], [], []
+
+    def den(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        xs.append(x), ts.append(t), ys.append(y)
+        return m(x, t, y)
+
+    sample_dpm_solver_pp(guided(den, guidance, c.num_classes), noise, loaded.schedule, steps, y=labels)
+    return torch.cat(xs), torch.cat(ts), None if labels is None else torch.cat(ys)
+
+
+# ----- engines ------------------------------------------------------------------------------
+def engines_match(folder: Path, checkpoint: Path, max_batch: int = 1) -> bool:
+    """True when `folder` holds a build of this very checkpoint (by sha256) for at least `max_batch`."""
+    from .manifest import sha256_file
+
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.exists():
+        return False
+    try:
+        m = json.loads(manifest.read_text())
+        return m["source"]["sha256"] == sha256_file(checkpoint) and int(m["max_batch"]) >= max_batch
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+def ensure_engines(checkpoint: Path, folder: Path, max_batch: int) -> Path:
+    """Reuse `folder` when it was built from this very checkpoint with a large enough max batch; else build it."""
+    if engines_match(folder, checkpoint, max_batch):
+        return Path(folder)
+    from .build import build_engines
+
+    build_engines(checkpoint, folder, max_batch=max_batch, precision="fp32", tensorrt="off", force=True)
+    return Path(folder)
+
+
+def open_runtime(engines: Path, threads: int):
+    try:
+        import adadiff_rt
+    except ImportError as e:
+        raise ValueError(f"bench needs the compiled adadiff_rt module ({e}); build it with `pip install .`") from None
+    return adadiff_rt.Runtime(str(engines), device="cpu", engine="openvino", precision="fp32", threads=threads)
+
+
+# ----- one timing cell ------------------------------------------------------------------------
+def denoise_inputs(loaded: Loaded, batch: int, seed: int, real: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """x_t at times spread over (0, 1]: real images noised when given (a realistic mix of exit layers)."""
+    c = loaded.model.config
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, c.in_chans, c.img_size, c.img_size)
+    x0 = real[:batch] if real is not None and real.shape[0] >= batch else torch.randn(shape, generator=g).clamp(-1, 1)
+    t = torch.linspace(1.0, loaded.schedule.t_eps, batch + 2, dtype=torch.float32)[1:-1] if batch > 1 else torch.tensor([0.5])
+    x = loaded.schedule.add_noise(x0, t, torch.randn(shape, generator=g))
+    y = torch.arange(batch) % c.num_classes if c.num_classes > 0 else None
+    return x.float(), t, y
+
+
+def time_cell(contenders: Sequence[Contender], model: str, workload: str, batch: int, inputs: tuple, steps: int,
+              cfg: BenchConfig, tick: Callable[[], None]) -> List[Tuple[Row, np.ndarray]]:
+    """Time every contender on the same inputs, interleaved; rows with ms, mean layers and prediction error.
+
+    Returns each row with the exit layers of its first timed run (for the ideal speedup).
+    """
+    cases = []
+    for ct in contenders:
+        if workload == "denoise":
+            run, warm = (lambda ct=ct: ct.denoise(*inputs)), None
+        else:
+            run = (lambda ct=ct: ct.sample(inputs[0], inputs[1], steps))
+            warm = (lambda ct=ct: ct.sample(inputs[0], inputs[1], 2))
+        cases.append(Case(ct.row(model, workload, batch), run, warm))
+    time_interleaved(cases, cfg.repeats, cfg.warmup, tick)
+    ref = next(c.output for c in cases if c.row.engine == "torch-eager" and c.row.policy == "full")
+    for c in cases:
+        c.row.pred_mse = float(((c.output.double() - ref.double()) ** 2).mean())
+    return [(c.row, c.layers) for c in cases]
+
+
+def finish_cell(cell: List[Tuple[Row, np.ndarray]], costs: SegmentCosts) -> List[Row]:
+    """Speedup over the fastest full-depth peer of the cell, ideal speedup and efficiency."""
+    fastest = min(r.ms for r, _ in cell if r.policy == "full" and r.engine in FULL_PEERS)
+    for r, layers in cell:
+        r.speedup = fastest / r.ms
+        r.ideal_speedup = ideal_speedup(layers, costs)
+        r.efficiency = r.speedup / r.ideal_speedup
+    return [r for r, _ in cell]
+
+
+# ----- the run ------------------------------------------------------------------------------------
+@dataclass
+class BenchResult:
+    rows: List[Row]
+    machine: Dict[str, object]
+    quality: Dict[str, Quality]
+    figures: Dict[str, Path]
+    default_threshold: float
+    guidance: float
+    matched_layers: float
+
+
+def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: float, w: float,
+                static_layer: int, sat_threshold: float, sweep: Sequence[float]) -> List[Contender]:
+    """Every peer and every setting of ours, in table order."""
+    m, n, null = loaded.model, loaded.model.depth, loaded.model.config.num_classes
+    py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
+    authors = AuthorsEarlyExit(m, thr)
+    sat = EarlyExitDenoiser(m, ExitPolicy("saturation", threshold=sat_threshold))
+    rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
+    out = [
+        python_contender("torch-eager", "full", m, _full_layers(n), **py),
+        python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
+        python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
+        python_contender("torch-authors", "uem", authors, _authors_layers, granularity="batch", threshold=thr,
+                         default=True, note="head+UEM at every layer, one decision per batch", **py),
+        rt_contender(runtime, RtSetting("uem", 0.0), **rt),
+        rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
+        rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
+        rt_contender(runtime, RtSetting("static", static_layer=static_layer), note="matched layer budget", **rt),
+        python_contender("torch-oracle", "saturation", sat, _oracle_layers, granularity="sample", threshold=sat_threshold,
+                         note="matched layer budget; PyTorch oracle (adadiff_rt has no saturation policy)", **py),
+    ]
+    for t in sweep:
+        if t != thr:
+            out.append(rt_contender(runtime, RtSetting("uem", t, "sample"), in_sweep=True, **rt))
+    return out
+
+
+def _quality_runs(loaded: Loaded, runtime, clf, cfg: BenchConfig, thr: float, w: float, sweep: Sequence[float],
+                  progress) -> Tuple[Dict[str, Quality], Dict[str, float]]:
+    """FD/accuracy for full depth, the uem sweep (both granularities at the default), static and saturation
+    matched to each uem point. Returns the qualities by key and the saturation thresholds by uem threshold."""
+    c = loaded.model.config
+    shape, chunk = (c.in_chans, c.img_size, c.img_size), min(64, cfg.n_quality)
+    qa = dict(clf=clf, shape=shape, num_classes=c.num_classes, n=cfg.n_quality, chunk=chunk, steps=cfg.steps, seed=cfg.seed)
+    rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
+    q: Dict[str, Quality] = {}
+
+    def run(key: str, sample_fn: SampleFn) -> Quality:
+        progress.set_postfix_str(key)
+        q[key] = measure_quality(sample_fn, **qa)
+        progress.update(1)
+        return q[key]
+
+    run("full", rt_contender(runtime, RtSetting("uem", 0.0), **rt).sample)
+    run(f"uem/batch/{thr:g}", rt_contender(runtime, RtSetting("uem", thr, "batch"), **rt).sample)
+    xs, ts, ys = trajectory_inputs(loaded, w, 4, cfg.steps, cfg.seed + 7)
+    scores = saturation_scores(loaded.model, xs, ts, ys)
+    sat_thr: Dict[str, float] = {}
+    for t in sweep:
+        layers = run(f"uem/sample/{t:g}", rt_contender(runtime, RtSetting("uem", t), **rt).sample).mean_layers
+        static = max(1, min(loaded.model.depth, int(round(layers))))
+        if f"static/{static}" not in q:
+            run(f"static/{static}", rt_contender(runtime, RtSetting("static", static_layer=static), **rt).sample)
+        st = match_threshold(scores, layers)
+        sat_thr[f"{t:g}"] = st
+        den = EarlyExitDenoiser(loaded.model, ExitPolicy("saturation", threshold=st))
+        run(f"saturation/{t:g}", python_contender("torch-oracle", "saturation", den, _oracle_layers, loaded.schedule,
+                                                   w, c.num_classes).sample)
+    return q, sat_thr
+
+
+def _row_quality(r: Row, q: Dict[str, Quality], thr: float) -> Optional[Quality]:
+    if r.policy == "full":
+        return q.get("full")
+    if r.engine == "torch-authors":
+        return q.get(f"uem/batch/{thr:g}")
+    if r.policy == "static":
+        return q.get(f"static/{r.static_layer}")
+    if r.policy == "saturation":
+        return q.get(f"saturation/{thr:g}")
+    return q.get(f"uem/{r.granularity}/{r.threshold:g}")
+
+
+def _cells(cfg: BenchConfig) -> List[Tuple[str, int]]:
+    return [("denoise", b) for b in cfg.denoise_batches] + [("sample", b) for b in cfg.sample_batches]
+
+
+def _cell_contenders(cts: Sequence[Contender], workload: str, batch: int, cfg: BenchConfig) -> List[Contender]:
+    return [c for c in cts if not (c.in_sweep and workload == "sample" and batch not in cfg.sweep_batches)]
+
+
+def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool = True) -> BenchResult:
+    """The whole bench on the shipped (or given) checkpoint: quality runs, timing cells, figures."""
+    from tqdm import tqdm
+
+    from .generate import default_guidance, default_threshold
+    from .metrics import load_classifier
+
+    thr = cfg.threshold if cfg.threshold is not None else default_threshold(loaded)
+    w = cfg.guidance if cfg.guidance is not None else default_guidance(loaded)
+    sweep = sorted({round(thr * k, 6) for k in cfg.sweep} | {thr})
+    guided_rows = 2 if loaded.model.config.num_classes > 0 and w != 1.0 else 1
+    max_batch = max(max(cfg.denoise_batches), guided_rows * max(cfg.sample_batches), guided_rows * min(64, cfg.n_quality))
+    engines = ensure_engines(checkpoint, cfg.out / "engines_small", max_batch)
+    runtime = open_runtime(engines, cfg.threads)
+    clf = load_classifier()
+    n_quality_runs = 2 + 3 * len(sweep)
+    bar = tqdm(total=n_quality_runs, desc="quality", disable=not progress, dynamic_ncols=True)
+    quality, sat_thr = _quality_runs(loaded, runtime, clf, cfg, thr, w, sweep, bar)
+    bar.close()
+    matched = quality[f"uem/sample/{thr:g}"].mean_layers
+    static_layer = max(1, min(loaded.model.depth, int(round(matched))))
+    cts = _contenders(loaded, engines, runtime, cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep)
+    real = _real_images(loaded)
+    rows: List[Row] = []
+    total = sum(len(_cell_contenders(cts, wl, b, cfg)) for wl, b in _cells(cfg)) * cfg.repeats
+    bar = tqdm(total=total, desc="timing", disable=not progress, dynamic_ncols=True)
+    costs: Dict[int, SegmentCosts] = {}
+    c = loaded.model.config
+    for workload, b in _cells(cfg):
+        bar.set_postfix_str(f"{workload} batch {b}")
+        if workload == "denoise":
+            inputs = denoise_inputs(loaded, b, cfg.seed, real)
+        else:
+            from .generate import noise_and_labels
+
+            inputs = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, b, cfg.seed)
+        cell = time_cell(_cell_contenders(cts, workload, b, cfg), "small", workload, b, inputs, cfg.steps, cfg,
+                         lambda: bar.update(1))
+        eff_b = b if workload == "denoise" else guided_rows * b
+        if eff_b not in costs:
+            costs[eff_b] = profile_segments(engines, eff_b, threads=cfg.threads)
+        rows += finish_cell(cell, costs[eff_b])
+    bar.close()
+    for r in rows:
+        qq = _row_quality(r, quality, thr)
+        if qq is not None:
+            r.fd, r.accuracy = qq.fd, qq.accuracy
+    figs = _figures(loaded, quality, thr, w, sat_thr, cfg)
+    return BenchResult(rows, machine(), quality, figs, thr, w, matched)
+
+
+def _real_images(loaded: Loaded) -> Optional[Tensor]:
+    """Fashion-MNIST test images for the denoise inputs when the model has that shape, else None."""
+    c = loaded.model.config
+    if (c.img_size, c.in_chans) != (28, 1):
+        return None
+    try:
+        from .data import load_fashion_mnist
+
+        return load_fashion_mnist("test").images[:128]
+    except Exception:  # the data package is optional for timing; random images do as well
+        return None
+
+
+def _figures(loaded: Loaded, quality: Dict[str, Quality], thr: float, w: float, sat_thr: Dict[str, float],
+             cfg: BenchConfig) -> Dict[str, Path]:
+    from . import figures as F
+
+    pts = []
+    for key, q in quality.items():
+        parts = key.split("/")
+        if parts[0] == "uem" and parts[1] == "sample":
+            pts.append(F.TradeoffPoint("uem", float(parts[2]), q.ms_per_chunk, q.fd, q.mean_layers))
+        elif parts[0] == "static":
+            pts.append(F.TradeoffPoint("static", float(parts[1]), q.ms_per_chunk, q.fd, q.mean_layers))
+        elif parts[0] == "saturation":
+            pts.append(F.TradeoffPoint("saturation", sat_thr[parts[1]], q.ms_per_chunk, q.fd, q.mean_layers))
+    full = quality["full"]
+    out = {"fig5_tradeoff": F.plot_tradeoff(
+        pts, cfg.out / "fig5_tradeoff.png", full.ms_per_chunk, full.fd, full_layers=float(loaded.model.depth),
+        title=f"Quality vs. time, {full.chunk} images per 50-step DPM-Solver++ run (guidance {w:g})")}
+    data = F.oracle_figure_data(loaded.model, loaded.schedule, thr, n=8 if cfg.n_quality < 128 else 16,
+                                steps=cfg.steps, guidance=w, seed=cfg.seed)
+    out.update(F.write_oracle_figures(data, cfg.out, loaded.model.depth))
+    return out
+
+
+def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) -> List[Row]:
+    """The U-ViT-S/2 CIFAR-10 shape, untrained: exported and timed like the shipped model (denoise only)."""
+    from tqdm import tqdm
+
+    from .checkpoint import load, save
+    from .config import preset
+    from .schedule import VPSchedule
+
+    ckpt = cfg.out / "uvit_s_cifar10_untrained.pt"
+    if not ckpt.exists():
+        torch.manual_seed(cfg.seed)
+        model = UViT(preset("uvit-s-cifar10"))
+        save({"config": model.config.to_dict(), "schedule": VPSchedule().to_dict(), "ema": model.state_dict()}, ckpt)
+    loaded = load(ckpt)
+    engines = ensure_engines(ckpt, cfg.out / "engines_uvit_s_cifar10", max(cfg.cifar_batches))
+    runtime = open_runtime(engines, cfg.threads)
+    m, n = loaded.model, loaded.model.depth
+    py = dict(schedule=loaded.schedule, guidance=1.0, null_class=m.config.num_classes)
+    rt = dict(steps=cfg.steps, guidance=1.0, seed=cfg.seed)
+    note = "untrained weights; static exit at the shipped model's mean layers"
+    cts = [
+        python_contender("torch-eager", "full", m, _full_layers(n), **py),
+        python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
+        python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
+        rt_contender(runtime, RtSetting("uem", 0.0), **rt),
+        rt_contender(runtime, RtSetting("static", static_layer=static_layer), note=note, **rt),
+    ]
+    rows: List[Row] = []
+    bar = tqdm(total=len(cts) * cfg.repeats * len(cfg.cifar_batches), desc="uvit-s-cifar10", disable=not progress)
+    for b in cfg.cifar_batches:
+        cell = time_cell(cts, "uvit-s-cifar10", "denoise", b, denoise_inputs(loaded, b, cfg.seed, None), cfg.steps, cfg,
+                         lambda: bar.update(1))
+        rows += finish_cell(cell, profile_segments(engines, b, threads=cfg.threads))
+    bar.close()
+    return rows
+
+
+# ----- output ----------------------------------------------------------------------------------------
+COLUMNS = ("batch", "engine", "policy", "gran.", "thr.", "ms", "speedup", "layers", "ideal", "eff.", "FD", "acc.",
+           "pred. mse", "note")
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _cells_of(r: Row) -> List[str]:
+    pol = f"static L{r.static_layer}" if r.policy == "static" else r.policy
+    thr = _fmt(r.threshold, ".4g") if r.policy in ("uem", "saturation") else "-"
+    star = " **(default)**" if r.default else ""
+    return [str(r.batch), r.engine, pol + star, r.granularity, thr, _fmt(r.ms, ".1f"), _fmt(r.speedup, ".2f") + "x",
+            _fmt(r.mean_layers, ".2f"), _fmt(r.ideal_speedup, ".2f") + "x", _fmt(r.efficiency, ".2f"),
+            _fmt(r.fd, ".2f"), _fmt(r.accuracy * 100 if np.isfinite(r.accuracy) else r.accuracy, ".1f"),
+            _fmt(r.pred_mse, ".2e"), r.note]
+
+
+def markdown(rows: Sequence[Row], info: Dict[str, object], command: str) -> str:
+    """One markdown table per (model, workload), with the machine and the command on top."""
+    out = [f"Machine: {machine_line(info)}", "", f"Command: `{command}`", ""]
+    groups: Dict[Tuple[str, str], List[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.model, r.workload), []).append(r)
+    for (model, workload), rs in groups.items():
+        what = "one denoiser call" if workload == "denoise" else "one whole 50-step DPM-Solver++ run with guidance"
+        out += [f"### {model}: {workload} ({what})", "", "| " + " | ".join(COLUMNS) + " |",
+                "|" + "---|" * len(COLUMNS)]
+        out += ["| " + " | ".join(_cells_of(r)) + " |" for r in rs]
+        out.append("")
+    return "\n".join(out)
+
+
+def to_json(rows: Sequence[Row], info: Dict[str, object]) -> List[Dict[str, object]]:
+    """The JSON list of rows (NaN becomes null), each naming the machine."""
+    def clean(v):
+        return None if isinstance(v, float) and not np.isfinite(v) else v
+
+    return [{**{k: clean(v) for k, v in asdict(r).items()}, "machine": info["cpu"], "cores": info["logical_cpus"]}
+            for r in rows]
+
+
+# ----- command line -------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    """Register `bench`."""
+    p = sub.add_parser(
+        "bench", help="time every peer and adadiff_rt side by side; quality, speedups and figures",
+        description="Measure, in one process and interleaved (medians after warm-up): PyTorch eager, the authors' "
+                    "early exit in PyTorch, onnxruntime and OpenVINO (f32) on the full graph, and adadiff_rt "
+                    "(threshold 0, a threshold sweep, granularity sample and batch, static and saturation at "
+                    "matched layer budgets), at batch 1, 8 and 64, for one denoiser call and one 50-step "
+                    "DPM-Solver++ run; plus the U-ViT-S/2 CIFAR-10 shape with untrained weights (denoise only). "
+                    "FD is in the shipped classifier's feature space, not Inception FID.")
+    p.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint (default: the shipped one)")
+    p.add_argument("--quick", action="store_true", help="a reduced run that finishes in a few minutes")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for engines, table, JSON and figures")
+    p.add_argument("--json", type=Path, help="also write the rows as a JSON list to this file")
+    p.add_argument("--n", type=int, help="images per quality run (default 256, --quick 64)")
+    p.add_argument("--repeats", type=int, help="timed runs per case after warm-up (default 3, --quick 2)")
+    p.add_argument("--threshold", type=float, help="the default threshold (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=0, help="threads for every engine (0: each engine's default)")
+    p.add_argument("--no-cifar", action="store_true", help="skip the U-ViT-S/2 CIFAR-10 shape")
+    p.set_defaults(func=_cmd_bench)
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    kw: Dict[str, object] = dict(checkpoint=a.checkpoint, out=a.out, threshold=a.threshold, threads=a.threads,
+                                 cifar=not a.no_cifar)
+    if a.n is not None:
+        kw["n_quality"] = a.n
+    if a.repeats is not None:
+        kw["repeats"] = a.repeats
+    return BenchConfig.quick(**kw) if a.quick else BenchConfig(**kw)
+
+
+def run(cfg: BenchConfig, command: str, json_path: Optional[Path] = None, progress: bool = True) -> BenchResult:
+    """Run the bench and write bench.md, bench.json and the figures into cfg.out (and JSON to json_path)."""
+    from .checkpoint import SHIPPED_CHECKPOINT, load
+
+    if cfg.n_quality < 2:
+        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {cfg.n_quality}")
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else SHIPPED_CHECKPOINT
+    loaded = load(checkpoint)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    res = run_small(loaded, checkpoint, cfg, progress)
+    if cfg.cifar:
+        res.rows += run_cifar_shape(cfg, max(1, int(round(res.matched_layers))), progress)
+    md = markdown(res.rows, res.machine, command)
+    (cfg.out / "bench.md").write_text(md + "\n")
+    payload = json.dumps(to_json(res.rows, res.machine), indent=1)
+    (cfg.out / "bench.json").write_text(payload + "\n")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(payload + "\n")
+    return res
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    import sys
+
+    cfg = config_from_args(a)
+    res = run(cfg, "python -m adadiff_export " + " ".join(sys.argv[1:]), a.json)
+    print(markdown(res.rows, res.machine, "python -m adadiff_export " + " ".join(sys.argv[1:])))
+    print(f"default threshold {res.default_threshold:g}, guidance {res.guidance:g}; "
+          f"FD is in the shipped classifier's feature space (not Inception FID)")
+    print(f"table: {cfg.out / 'bench.md'}  rows: {cfg.out / 'bench.json'}")
+    for name, path in res.figures.items():
+        print(f"{name}: {path}")
+    return 0

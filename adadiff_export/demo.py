@@ -1,0 +1,156 @@
+"""`python -m adadiff_export demo`: the whole toolchain on the shipped checkpoint in a few minutes.
+
+Build the engines (into `engines/` unless a valid build of this checkpoint is already there),
+verify them, sample with adadiff_rt at full depth and at the shipped default threshold, time the
+same sampling run with PyTorch eager and OpenVINO on the full graph, print a short speed and
+quality table, and write the pictures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .bench import (Contender, Quality, RtSetting, _full_layers, engines_match, machine, machine_line,
+                    measure_quality, open_runtime, openvino_full, python_contender, rt_contender)
+from .checkpoint import SHIPPED_CHECKPOINT, Loaded, load
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    checkpoint: Optional[Path] = None
+    engines: Path = Path("engines")
+    out: Path = Path("demo_out")
+    n: int = 128
+    steps: int = 50
+    seed: int = 0
+    threads: int = 0
+
+
+def prepare_engines(engines: Path, checkpoint: Path) -> str:
+    """Build unless a valid build is there, then verify; returns what was done, for the log."""
+    from .build import build_engines
+    from .verify import verify
+
+    def log(line: str) -> None:
+        print("    " + line)
+
+    did = "reused"
+    if not engines_match(engines, checkpoint):
+        build_engines(checkpoint, engines, max_batch=64, precision="fp32", tensorrt="auto", force=True, log=log)
+        did = "built"
+    verify(engines, checkpoint, log=log)
+    return did
+
+
+RT_FULL, RT_DEFAULT = "adadiff_rt, threshold 0 (all layers)", "adadiff_rt, default threshold"
+
+
+def _contenders(loaded: Loaded, engines: Path, runtime, cfg: DemoConfig, thr: float, w: float) -> Dict[str, Contender]:
+    n, null = loaded.model.depth, loaded.model.config.num_classes
+    py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
+    rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
+    return {
+        "PyTorch eager, full depth": python_contender("torch-eager", "full", loaded.model, _full_layers(n), **py),
+        "OpenVINO f32, full graph": python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads),
+                                                     _full_layers(n), **py),
+        RT_FULL: rt_contender(runtime, RtSetting("uem", 0.0), **rt),
+        RT_DEFAULT: rt_contender(runtime, RtSetting("uem", thr), **rt),
+    }
+
+
+def table(results: Dict[str, Quality], n_layers: int) -> str:
+    """A short fixed-width table: time per run, speedup over the fastest full-depth peer, layers, FD, accuracy."""
+    peers = [q.ms_per_chunk for name, q in results.items() if "full" in name]
+    fastest = min(peers)
+    head = f"{'engine and setting':40s} {'ms/run':>9s} {'speedup':>8s} {'layers':>7s} {'FD':>7s} {'acc %':>6s}"
+    lines = [head, "-" * len(head)]
+    for name, q in results.items():
+        lines.append(f"{name:40s} {q.ms_per_chunk:9.0f} {fastest / q.ms_per_chunk:7.2f}x {q.mean_layers:7.2f} "
+                     f"{q.fd:7.2f} {q.accuracy * 100:6.1f}")
+    lines.append(f"(ms/run: one 50-step DPM-Solver++ run of {next(iter(results.values())).chunk} images with guidance; "
+                 f"layers of {n_layers}; FD in the shipped classifier's feature space, not Inception FID)")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
+    """Everything the demo does; returns the paths of the pictures."""
+    from tqdm import tqdm
+
+    from .generate import default_guidance, default_threshold
+    from .metrics import load_classifier
+
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else SHIPPED_CHECKPOINT
+    loaded = load(checkpoint)
+    thr, w = default_threshold(loaded), default_guidance(loaded)
+    print(f"[1/4] engines in {cfg.engines}")
+    print(f"    engines {prepare_engines(cfg.engines, checkpoint)} and verified")
+    runtime = open_runtime(cfg.engines, cfg.threads)
+    max_batch = int(json.loads((cfg.engines / "manifest.json").read_text())["max_batch"])
+    c = loaded.model.config
+    chunk = max(1, min(cfg.n, max_batch // (2 if c.num_classes > 0 and w != 1.0 else 1)))
+    clf = load_classifier()
+    print(f"[2/4] sampling {cfg.n} images per setting (batch {chunk}, {cfg.steps} steps, guidance {w:g})")
+    results: Dict[str, Quality] = {}
+    cts = _contenders(loaded, cfg.engines, runtime, cfg, thr, w)
+    for name, ct in tqdm(cts.items(), desc="settings", disable=not progress):
+        results[name] = measure_quality(ct.sample, clf, (c.in_chans, c.img_size, c.img_size), c.num_classes, cfg.n,
+                                        chunk, cfg.steps, cfg.seed)
+    print(f"[3/4] results on {machine_line(machine())}")
+    print(table(results, loaded.model.depth))
+    print(f"default threshold: {thr:g}")
+    print("[4/4] pictures")
+    paths = _pictures(loaded, cts, cfg, thr, w)
+    for p in paths:
+        print(f"  {p}")
+    print(f"pictures are in {cfg.out.resolve()}")
+    return paths
+
+
+def _pictures(loaded: Loaded, cts: Dict[str, Contender], cfg: DemoConfig, thr: float, w: float) -> List[Path]:
+    """Figures 3 and 4 from adadiff_rt (same noise, 16 images), Figures 1 and 6 from the PyTorch oracle."""
+    from . import figures as F
+    from .generate import noise_and_labels
+    from .samplers import time_grid
+
+    c = loaded.model.config
+    noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, 16, cfg.seed)
+    full_img, _ = cts[RT_FULL].sample(noise, labels, cfg.steps)
+    exit_img, used = cts[RT_DEFAULT].sample(noise, labels, cfg.steps)
+    used = np.asarray(used)[:, :16]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    steps_t = time_grid(loaded.schedule, cfg.steps).numpy()[:-1]
+    out = [F.plot_side_by_side(full_img, exit_img, cfg.out / "fig4_side_by_side.png", float(c.depth), float(used.mean())),
+           F.plot_exit_heatmap(used, steps_t, c.depth, cfg.out / "fig3_exit_heatmap.png", thr)]
+    data = F.oracle_figure_data(loaded.model, loaded.schedule, thr, n=4, steps=cfg.steps, guidance=w, seed=cfg.seed)
+    out.append(F.plot_layer_error(data.layer_error_t, data.layer_error, cfg.out / "fig1_layer_error.png"))
+    out.append(F.plot_uncertainty_maps(data.u_maps, data.x0_preview, data.u_map_steps, data.step_times,
+                                       data.u_map_layer, cfg.out / "fig6_uncertainty_maps.png"))
+    return out
+
+
+def add_parser(sub) -> None:
+    """Register `demo`."""
+    p = sub.add_parser(
+        "demo", help="build, verify, sample with adadiff_rt, print speed and quality, write the pictures",
+        description="The toolchain end to end on the shipped checkpoint: build the engines (unless a valid build "
+                    "is already there), verify them, sample with adadiff_rt at full depth and at the default "
+                    "threshold, compare with PyTorch and OpenVINO on the full graph, and write the paper's "
+                    "figures as PNGs. Takes a few minutes on a laptop-class CPU.")
+    p.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint (default: the shipped one)")
+    p.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (built when missing or stale)")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the pictures")
+    p.add_argument("--n", type=int, default=128, help="images per setting for FD and accuracy")
+    p.add_argument("--threads", type=int, default=0, help="threads for every engine (0: each engine's default)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    if a.n < 2:
+        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {a.n}")
+    run_demo(DemoConfig(checkpoint=a.checkpoint, engines=a.engines, out=a.out, n=a.n, threads=a.threads))
+    return 0

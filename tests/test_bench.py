@@ -1,0 +1,119 @@
+"""The bench's measuring pieces against the oracle and hand computation; a --quick smoke on the tiny config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff_export import bench
+from adadiff_export.early_exit import ExitPolicy, early_exit
+
+from conftest import tiny_model
+
+
+def _inputs(model, b: int = 12, seed: int = 0):
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c.in_chans, c.img_size, c.img_size, generator=g)
+    t = torch.linspace(0.05, 1.0, b)
+    y = torch.arange(b) % c.num_classes
+    return x, t, y
+
+
+def test_authors_peer_is_the_batch_rule_of_the_oracle():
+    m = tiny_model(uem_gain=20.0)
+    x, t, y = _inputs(m)
+    for thr in (0.2, 0.5, 0.8):
+        peer = bench.AuthorsEarlyExit(m, thr)
+        eps = peer(x, t, y)
+        ref = early_exit(m, x, t, y, ExitPolicy("uem", threshold=thr, granularity="batch"))
+        assert peer.layers[-1] == int(ref.exit_layer[0])
+        torch.testing.assert_close(eps, ref.eps, rtol=1e-5, atol=1e-6)
+
+
+def test_saturation_scores_give_the_oracle_exit_layers():
+    m = tiny_model()
+    x, t, y = _inputs(m)
+    scores = bench.saturation_scores(m, x, t, y)
+    assert scores.shape == (12, m.depth - 1)
+    for q in (0.2, 0.5, 0.8):
+        thr = float(torch.quantile(scores, q))
+        ref = early_exit(m, x, t, y, ExitPolicy("saturation", threshold=thr))
+        assert bench.layers_at(scores, thr) == pytest.approx(float(ref.exit_layer.float().mean()))
+
+
+def test_match_threshold_hits_a_layer_budget():
+    scores = torch.tensor([[0.9, 0.5, 0.1, 0.05], [0.3, 0.2, 0.1, 0.01]])
+    thr = bench.match_threshold(scores, 3.0)
+    assert bench.layers_at(scores, thr) == pytest.approx(3.0)
+    assert bench.layers_at(scores, 0.0) == 5.0
+
+
+def test_ideal_speedup_by_hand():
+    costs = bench.SegmentCosts(batch=4, stem=1.0, layers=[2.0, 2.0, 2.0, 2.0], head=1.0)
+    assert bench.ideal_speedup(np.full(4, 4), costs) == pytest.approx(1.0)
+    # two rows stop after layer 2, two run all 4: stem + head + 2 + 2 + 0.5*2 + 0.5*2 = 8 of 10
+    assert bench.ideal_speedup(np.array([2, 2, 4, 4]), costs) == pytest.approx(10 / 8)
+    # two calls of a sampling run: one at full depth, one all exiting at layer 1
+    assert bench.ideal_speedup(np.array([[4, 4], [1, 1]]), costs) == pytest.approx(20 / (10 + 4))
+
+
+def test_interleaved_timing_rotates_and_takes_medians():
+    order = []
+
+    def make(name, layers):
+        return bench.Case(bench.Row("m", "denoise", 1, name, "full", "-", None, 0.0, 0.0),
+                          lambda: (order.append(name), (torch.zeros(1), np.array(layers)))[1])
+
+    cases = [make("a", [3]), make("b", [1, 2])]
+    bench.time_interleaved(cases, repeats=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert all(len(c.times) == 3 and c.row.ms == sorted(c.times)[1] for c in cases)
+    assert cases[1].row.mean_layers == pytest.approx(1.5)
+
+
+def test_markdown_and_json_rows_have_the_promised_fields():
+    r = bench.Row("small", "sample", 64, "adadiff_rt", "uem", "sample", 0.1, 12.5, 7.25, speedup=1.8,
+                  ideal_speedup=1.9, efficiency=0.95, fd=3.0, accuracy=0.9, default=True)
+    info = {"cpu": "test cpu", "logical_cpus": 2, "torch": "x", "torch_threads": 2}
+    rows = bench.to_json([r], info)
+    need = {"engine", "policy", "granularity", "batch", "threshold", "workload", "ms", "speedup", "mean_layers",
+            "ideal_speedup", "efficiency", "fd", "accuracy", "default", "machine"}
+    assert need <= set(rows[0]) and rows[0]["pred_mse"] is None
+    json.dumps(rows)
+    md = bench.markdown([r], info, "cmd")
+    assert "| 64 | adadiff_rt | uem **(default)** |" in md and "test cpu" in md
+
+
+def _have_runtime() -> bool:
+    try:
+        import adadiff_rt  # noqa: F401
+        from adadiff_export import build  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_runtime(), reason="needs the compiled adadiff_rt module and the exporter's build")
+def test_quick_bench_on_the_tiny_config(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    from adadiff_export import metrics
+
+    clf_path = Path(metrics.SHIPPED_CLASSIFIER) if hasattr(metrics, "SHIPPED_CLASSIFIER") else None
+    if clf_path is not None and not clf_path.exists():
+        pytest.skip("the shipped classifier is not there yet")
+    cfg = bench.BenchConfig.quick(checkpoint=tiny_checkpoint, out=tmp_path / "out", denoise_batches=(1, 4),
+                                  sample_batches=(2,), sweep_batches=(2,), steps=4, repeats=1, n_quality=8,
+                                  cifar=False)
+    res = bench.run(cfg, "test", json_path=tmp_path / "rows.json", progress=False)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    engines = {r["engine"] for r in rows}
+    assert {"torch-eager", "onnxruntime", "openvino", "torch-authors", "adadiff_rt", "torch-oracle"} <= engines
+    assert {r["workload"] for r in rows} == {"denoise", "sample"}
+    assert any(r["default"] for r in rows)
+    full_rt = [r for r in rows if r["engine"] == "adadiff_rt" and r["policy"] == "full"]
+    # threshold 0 runs every layer and matches PyTorch full depth
+    assert all(r["mean_layers"] == 5 and r["pred_mse"] < 1e-8 for r in full_rt)
+    assert all(Path(p).exists() for p in res.figures.values())
