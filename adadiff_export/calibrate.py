@@ -1,0 +1,188 @@
+"""`python -m adadiff_export calibrate DIR`: sweep exit thresholds, store the curve, pick a default.
+
+On a held-out batch (noised Fashion-MNIST *test* images at uniform random times for a 28x28x1
+model, random images otherwise) the PyTorch reference early exit runs at each threshold:
+mean exit layer, and the prediction error against full depth (mse of eps). When the metrics
+module and its classifier are available, FD of images sampled at each threshold to the real test
+set (in the shipped classifier's feature space, not Inception FID) completes each point.
+
+The default threshold is picked for a target: `target_layers` (mean depth at most this fraction of
+the layers; the lowest-error point that fits) or `max_mse` (the shallowest point whose error stays
+under it). The curve and the pick are written into the folder's manifest (`calibration`,
+`exit.threshold`); the engine files are untouched, so their checksums still hold.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from .manifest import CalibrationPoint, Manifest, load, write
+
+BASE_THRESHOLDS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+@dataclass
+class Calibration:
+    points: List[CalibrationPoint]
+    threshold: float           # the chosen default
+    reason: str                # how it was chosen
+    fd_note: str = ""
+
+
+def threshold_grid(u: np.ndarray, extra: Sequence[float] = BASE_THRESHOLDS) -> List[float]:
+    """The paper's range plus deciles of the observed uncertainties, so any model gets a useful curve."""
+    finite = u[np.isfinite(u)]
+    qs = np.quantile(finite, np.linspace(0.1, 0.9, 9)) if finite.size else []
+    return sorted({round(float(v), 4) for v in list(extra) + list(qs) if 0.0 <= v <= 1.0})
+
+
+def pick(points: Sequence[CalibrationPoint], depth: int, target_layers: Optional[float],
+         max_mse: Optional[float], current: float) -> tuple:
+    """(threshold, reason) for the target; without a target the current default stays."""
+    if target_layers is not None and max_mse is not None:
+        raise ValueError("give either --target-layers or --max-mse, not both")
+    if target_layers is not None:
+        if not 0.0 < target_layers <= 1.0:
+            raise ValueError(f"--target-layers is a fraction of the layers in (0, 1], got {target_layers}")
+        budget = target_layers * depth
+        fits = [p for p in points if p.mean_layers <= budget + 1e-9]
+        if not fits:
+            best = min(points, key=lambda p: (p.mean_layers, p.mse))
+            return best.threshold, (f"no threshold reaches {budget:.2f} mean layers; the shallowest point "
+                                    f"({best.mean_layers:.2f} layers) was chosen")
+        best = min(fits, key=lambda p: (p.mse, p.threshold))
+        return best.threshold, f"lowest error within {budget:.2f} mean layers ({target_layers:g} of {depth})"
+    if max_mse is not None:
+        if max_mse < 0:
+            raise ValueError(f"--max-mse must be >= 0, got {max_mse}")
+        fits = [p for p in points if p.mse <= max_mse]
+        best = min(fits, key=lambda p: (p.mean_layers, -p.threshold))  # threshold 0 (mse 0) always fits
+        return best.threshold, f"fewest mean layers with prediction mse <= {max_mse:g}"
+    return current, "no target given; the default threshold is unchanged"
+
+
+def _fd_fn(loaded, log: Callable[[str], None]):
+    """A function threshold -> FD, or (None, why) when FD cannot be measured here."""
+    c = loaded.model.config
+    if (c.img_size, c.in_chans) != (28, 1):
+        return None, "FD skipped: the classifier measures 28x28 grayscale images only"
+    try:
+        from . import metrics
+        from .generate import generate
+        clf = metrics.load_classifier()
+    except ImportError as e:
+        return None, f"FD skipped: the metrics module is not available ({e})"
+    except Exception as e:  # a missing or damaged classifier file
+        return None, f"FD skipped: {str(e).splitlines()[0]}"
+    return (clf, metrics, generate), ""
+
+
+def sweep(loaded, manifest: Manifest, thresholds: Optional[Sequence[float]] = None, batch: int = 256,
+          fd_samples: int = 100, fd_steps: int = 10, seed: int = 1234,
+          log: Callable[[str], None] = print) -> tuple:
+    """Curve points for each threshold; returns (points, fd_note)."""
+    import torch
+    from tqdm import tqdm
+
+    from .early_exit import ExitPolicy, early_exit
+    from .parity import real_inputs
+
+    model = loaded.model
+    x, t, y = real_inputs(model, loaded.schedule, batch, seed)
+    probe = early_exit(model, x, t, y, ExitPolicy(kind="uem", threshold=0.0))
+    full = probe.eps
+    grid = list(thresholds) if thresholds else threshold_grid(probe.u[:, :-1].numpy())
+    base = ExitPolicy(kind="uem", threshold=0.0, patience=manifest.exit.patience,
+                      granularity=manifest.exit.granularity)
+    fd, note = (None, "FD skipped: --fd-samples 0") if fd_samples <= 0 else _fd_fn(loaded, log)
+    points: List[CalibrationPoint] = []
+    for thr in tqdm(grid, desc="calibrate", unit="threshold", leave=False):
+        policy = replace(base, threshold=float(thr))
+        r = early_exit(model, x, t, y, policy)
+        mse = float(((r.eps.double() - full.double()) ** 2).mean())
+        fd_value = None
+        if fd is not None:
+            clf, metrics, generate = fd
+            images = generate(loaded, fd_samples, policy, sampler="dpm++", steps=fd_steps, seed=seed,
+                              progress=False).images
+            fd_value = round(metrics.fd_to_test_set(clf, images), 4)
+        points.append(CalibrationPoint(float(thr), round(float(r.exit_layer.float().mean()), 4),
+                                       float(f"{mse:.6g}"), fd_value))
+    if fd is not None:
+        note = (f"FD: {fd_samples} images per threshold, dpm++ {fd_steps} steps, to the Fashion-MNIST test set "
+                "in the shipped classifier's feature space (not Inception FID)")
+    return points, note
+
+
+def calibrate_folder(folder: Path, loaded=None, checkpoint: Optional[Path] = None,
+                     thresholds: Optional[Sequence[float]] = None, target_layers: Optional[float] = None,
+                     max_mse: Optional[float] = None, batch: int = 256, fd_samples: int = 100, fd_steps: int = 10,
+                     log: Callable[[str], None] = print) -> Calibration:
+    """Sweep, pick, and rewrite `folder/manifest.json` with the curve and the chosen default threshold."""
+    folder = Path(folder)
+    manifest = load(folder, check=True)
+    if loaded is None:
+        from .checkpoint import load as load_checkpoint
+        from .verify import source_checkpoint
+
+        ckpt = source_checkpoint(manifest, checkpoint)
+        if ckpt is None:
+            raise FileNotFoundError("the checkpoint this folder was built from is not at hand; pass --checkpoint")
+        loaded = load_checkpoint(ckpt)
+    points, note = sweep(loaded, manifest, thresholds, batch, fd_samples, fd_steps, log=log)
+    threshold, reason = pick(points, manifest.depth, target_layers, max_mse, manifest.exit.threshold)
+    manifest.calibration = points
+    manifest.exit = replace(manifest.exit, threshold=float(threshold))
+    write(manifest, folder)
+    log(format_curve(points, manifest.depth))
+    if note:
+        log(note)
+    log(f"default threshold {threshold:g}: {reason}")
+    return Calibration(points, float(threshold), reason, note)
+
+
+def format_curve(points: Sequence[CalibrationPoint], depth: int) -> str:
+    lines = [f"{'threshold':>10s} {'mean layers':>12s} {'of ' + str(depth):>7s} {'mse vs full':>12s} {'FD':>9s}"]
+    for p in points:
+        fd = f"{p.fd:9.3f}" if p.fd is not None else f"{'-':>9s}"
+        lines.append(f"{p.threshold:>10.4g} {p.mean_layers:>12.2f} {p.mean_layers / depth:>7.2f} {p.mse:>12.3e} {fd}")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    """Register `calibrate`."""
+    p = sub.add_parser(
+        "calibrate", help="sweep exit thresholds, store the curve, pick the default threshold",
+        description="Sweep uncertainty thresholds on a held-out batch with the PyTorch reference early exit "
+                    "(mean layers, prediction mse against full depth, FD of sampled images when the classifier "
+                    "is available), store the curve in the engines folder's manifest and pick the default "
+                    "threshold for a layer budget (--target-layers) or a quality budget (--max-mse).")
+    p.add_argument("folder", type=Path, help="engines folder")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the checkpoint the folder was built from (default: the path recorded at build time)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-layers", type=float, default=None,
+                        help="layer budget: mean depth at most this fraction of the layers (e.g. 0.6)")
+    target.add_argument("--max-mse", type=float, default=None,
+                        help="quality budget: prediction mse against full depth at most this")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="thresholds to sweep (default: a grid)")
+    p.add_argument("--batch", type=int, default=256, help="held-out batch size")
+    p.add_argument("--fd-samples", type=int, default=100, help="images sampled per threshold for FD (0: no FD)")
+    p.add_argument("--fd-steps", type=int, default=10, help="dpm++ steps for the FD samples")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from .build_cli import reports_errors
+
+    return reports_errors(_run)(a)
+
+
+def _run(a: argparse.Namespace) -> int:
+    calibrate_folder(a.folder, checkpoint=a.checkpoint, thresholds=a.thresholds, target_layers=a.target_layers,
+                     max_mse=a.max_mse, batch=a.batch, fd_samples=a.fd_samples, fd_steps=a.fd_steps)
+    return 0
