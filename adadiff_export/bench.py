@@ -235,7 +235,19 @@ class RtSetting:
     def kwargs(self) -> Dict[str, object]:
         if self.policy == "static":
             return dict(policy="static", threshold=0.0, granularity=self.granularity, static_layer=self.static_layer)
-        return dict(policy="uem", threshold=self.threshold, granularity=self.granularity)
+        return dict(policy=self.policy, threshold=self.threshold, granularity=self.granularity)
+
+
+def rt_has_saturation(runtime, model_config) -> bool:
+    """Whether this adadiff_rt build offers the saturation policy (older builds have uem and static only)."""
+    c = model_config
+    x = np.zeros((1, c.in_chans, c.img_size, c.img_size), dtype=np.float32)
+    y = np.zeros(1, dtype=np.int64) if c.num_classes > 0 else None
+    try:
+        runtime.denoise(x, np.full(1, 0.5, dtype=np.float32), y, policy="saturation", threshold=0.0)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 def rt_denoise(runtime, s: RtSetting) -> Callable:
@@ -521,9 +533,10 @@ def time_cell(contenders: Sequence[Contender], model: str, workload: str, batch:
     return [(c.row, c.layers) for c in cases]
 
 
-def finish_cell(cell: List[Tuple[Row, np.ndarray]], costs: SegmentCosts) -> List[Row]:
+def finish_cell(cell: List[Tuple[Row, np.ndarray]], costs: SegmentCosts,
+                full_peers: Sequence[str] = FULL_PEERS) -> List[Row]:
     """Speedup over the fastest full-depth peer of the cell, ideal speedup and efficiency."""
-    fastest = min(r.ms for r, _ in cell if r.policy == "full" and r.engine in FULL_PEERS)
+    fastest = min(r.ms for r, _ in cell if r.policy == "full" and r.engine in full_peers)
     for r, layers in cell:
         r.speedup = fastest / r.ms
         r.ideal_speedup = ideal_speedup(layers, costs)
@@ -543,13 +556,23 @@ class BenchResult:
     matched_layers: float
 
 
+def _saturation(loaded: Loaded, runtime, rt_sat: bool, threshold: float, rt: dict, py: dict, **kw) -> Contender:
+    """Saturation on adadiff_rt when it has the policy, else on the PyTorch oracle (and the note says so)."""
+    if rt_sat:
+        return rt_contender(runtime, RtSetting("saturation", threshold), **rt, **kw)
+    why = "PyTorch oracle (this adadiff_rt has no saturation policy)"
+    note = "; ".join(filter(None, [kw.pop("note", ""), why]))
+    den = EarlyExitDenoiser(loaded.model, ExitPolicy("saturation", threshold=threshold))
+    return python_contender("torch-oracle", "saturation", den, _oracle_layers, granularity="sample", threshold=threshold,
+                            note=note, **py, **kw)
+
+
 def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: float, w: float,
-                static_layer: int, sat_threshold: float, sweep: Sequence[float]) -> List[Contender]:
+                static_layer: int, sat_threshold: float, sweep: Sequence[float], rt_sat: bool) -> List[Contender]:
     """Every peer and every setting of ours, in table order."""
     m, n, null = loaded.model, loaded.model.depth, loaded.model.config.num_classes
     py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
     authors = AuthorsEarlyExit(m, thr)
-    sat = EarlyExitDenoiser(m, ExitPolicy("saturation", threshold=sat_threshold))
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
     out = [
         python_contender("torch-eager", "full", m, _full_layers(n), **py),
@@ -561,8 +584,7 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: f
         rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
         rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
         rt_contender(runtime, RtSetting("static", static_layer=static_layer), note="matched layer budget", **rt),
-        python_contender("torch-oracle", "saturation", sat, _oracle_layers, granularity="sample", threshold=sat_threshold,
-                         note="matched layer budget; PyTorch oracle (adadiff_rt has no saturation policy)", **py),
+        _saturation(loaded, runtime, rt_sat, sat_threshold, rt, py, note="matched layer budget"),
     ]
     for t in sweep:
         if t != thr:
@@ -571,13 +593,14 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: f
 
 
 def _quality_runs(loaded: Loaded, runtime, clf, cfg: BenchConfig, thr: float, w: float, sweep: Sequence[float],
-                  progress) -> Tuple[Dict[str, Quality], Dict[str, float]]:
+                  rt_sat: bool, progress) -> Tuple[Dict[str, Quality], Dict[str, float]]:
     """FD/accuracy for full depth, the uem sweep (both granularities at the default), static and saturation
     matched to each uem point. Returns the qualities by key and the saturation thresholds by uem threshold."""
     c = loaded.model.config
     shape, chunk = (c.in_chans, c.img_size, c.img_size), min(64, cfg.n_quality)
     qa = dict(clf=clf, shape=shape, num_classes=c.num_classes, n=cfg.n_quality, chunk=chunk, steps=cfg.steps, seed=cfg.seed)
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
+    py = dict(schedule=loaded.schedule, guidance=w, null_class=c.num_classes)
     q: Dict[str, Quality] = {}
 
     def run(key: str, sample_fn: SampleFn) -> Quality:
@@ -598,9 +621,7 @@ def _quality_runs(loaded: Loaded, runtime, clf, cfg: BenchConfig, thr: float, w:
             run(f"static/{static}", rt_contender(runtime, RtSetting("static", static_layer=static), **rt).sample)
         st = match_threshold(scores, layers)
         sat_thr[f"{t:g}"] = st
-        den = EarlyExitDenoiser(loaded.model, ExitPolicy("saturation", threshold=st))
-        run(f"saturation/{t:g}", python_contender("torch-oracle", "saturation", den, _oracle_layers, loaded.schedule,
-                                                   w, c.num_classes).sample)
+        run(f"saturation/{t:g}", _saturation(loaded, runtime, rt_sat, st, rt, py).sample)
     return q, sat_thr
 
 
@@ -639,13 +660,14 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     engines = ensure_engines(checkpoint, cfg.out / "engines_small", max_batch)
     runtime = open_runtime(engines, cfg.threads)
     clf = load_classifier()
+    rt_sat = rt_has_saturation(runtime, loaded.model.config)
     n_quality_runs = 2 + 3 * len(sweep)
     bar = tqdm(total=n_quality_runs, desc="quality", disable=not progress, dynamic_ncols=True)
-    quality, sat_thr = _quality_runs(loaded, runtime, clf, cfg, thr, w, sweep, bar)
+    quality, sat_thr = _quality_runs(loaded, runtime, clf, cfg, thr, w, sweep, rt_sat, bar)
     bar.close()
     matched = quality[f"uem/sample/{thr:g}"].mean_layers
     static_layer = max(1, min(loaded.model.depth, int(round(matched))))
-    cts = _contenders(loaded, engines, runtime, cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep)
+    cts = _contenders(loaded, engines, runtime, cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep, rt_sat)
     real = _real_images(loaded)
     rows: List[Row] = []
     total = sum(len(_cell_contenders(cts, wl, b, cfg)) for wl, b in _cells(cfg)) * cfg.repeats
@@ -671,7 +693,7 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
         qq = _row_quality(r, quality, thr)
         if qq is not None:
             r.fd, r.accuracy = qq.fd, qq.accuracy
-    figs = _figures(loaded, quality, thr, w, sat_thr, cfg)
+    figs = _figures(loaded, quality, thr, w, sat_thr, cfg, "adadiff_rt" if rt_sat else "PyTorch oracle")
     return BenchResult(rows, machine(), quality, figs, thr, w, matched)
 
 
@@ -689,7 +711,7 @@ def _real_images(loaded: Loaded) -> Optional[Tensor]:
 
 
 def _figures(loaded: Loaded, quality: Dict[str, Quality], thr: float, w: float, sat_thr: Dict[str, float],
-             cfg: BenchConfig) -> Dict[str, Path]:
+             cfg: BenchConfig, saturation_engine: str) -> Dict[str, Path]:
     from . import figures as F
 
     pts = []
@@ -704,6 +726,7 @@ def _figures(loaded: Loaded, quality: Dict[str, Quality], thr: float, w: float, 
     full = quality["full"]
     out = {"fig5_tradeoff": F.plot_tradeoff(
         pts, cfg.out / "fig5_tradeoff.png", full.ms_per_chunk, full.fd, full_layers=float(loaded.model.depth),
+        saturation_engine=saturation_engine,
         title=f"Quality vs. time, {full.chunk} images per 50-step DPM-Solver++ run (guidance {w:g})")}
     data = F.oracle_figure_data(loaded.model, loaded.schedule, thr, n=8 if cfg.n_quality < 128 else 16,
                                 steps=cfg.steps, guidance=w, seed=cfg.seed)

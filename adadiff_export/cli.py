@@ -58,9 +58,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _subcommands() -> List[Callable]:
     """Each entry adds one sub-command parser. Command modules import heavy things lazily."""
-    from . import build_cli, calibrate, classifier, evaluate_cli, profile, sample_cli, verify
+    from . import bench, build_cli, calibrate, classifier, demo, evaluate_cli, profile, sample_cli, verify
     return [_add_train, classifier.add_parser, sample_cli.add_parser, evaluate_cli.add_parser, build_cli.add_parser,
-            verify.add_parser, profile.add_parser, calibrate.add_parser]
+            verify.add_parser, profile.add_parser, calibrate.add_parser, bench.add_parser, demo.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

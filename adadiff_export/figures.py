@@ -75,15 +75,15 @@ class OracleFigureData:
 
 # ----- Figure 5 ---------------------------------------------------------------
 def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, full_ms: float, full_fd: float,
-                  full_layers: float, title: str = "Quality vs. time") -> Path:
+                  full_layers: float, title: str = "Quality vs. time", saturation_engine: str = "adadiff_rt") -> Path:
     """Figure 5 twice: FD against mean layers (the paper's axis) and against wall-clock time.
 
-    Saturation runs on the PyTorch oracle (the runtime has no saturation policy), so its time
-    is PyTorch time, not the runtime's: the legend says so.
+    `saturation_engine` names where saturation ran (a runtime without the policy leaves it to the
+    PyTorch oracle, whose times are PyTorch times): the legend says so.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4))
-    labels = {"uem": "uem (adadiff_rt)", "static": "static (adadiff_rt)", "saturation": "saturation (PyTorch oracle)"}
+    labels = {"uem": "uem (adadiff_rt)", "static": "static (adadiff_rt)", "saturation": f"saturation ({saturation_engine})"}
     for ax, xkey, full_x, xlabel in (
             (axes[0], "mean_layers", full_layers, "mean layers per denoiser call"),
             (axes[1], "ms", full_ms, "time per 50-step sampling run (ms, lower is faster)")):
