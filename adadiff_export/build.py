@@ -159,6 +159,9 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
     out = Path(out)
     _check_destination(out, force)
     ckpt = Path(checkpoint) if checkpoint is not None else SHIPPED_CHECKPOINT
+    if checkpoint is None and not ckpt.is_file():
+        raise FileNotFoundError(f"the shipped checkpoint {ckpt} is missing from this installation; "
+                                "pass a CHECKPOINT file to build")
     loaded = load(ckpt)
     trt = tensorrt_build.probe() if opts.tensorrt != "off" else None
     if opts.tensorrt == "on" and not trt.available:

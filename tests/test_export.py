@@ -1,0 +1,268 @@
+"""The exporter: segments, ONNX parity with PyTorch, verify, profile, calibrate, and bad input.
+
+One tiny engines folder (8x8x1, depth 5) is built once per module; everything else reuses it or
+fails before exporting anything.
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff_export import checkpoint as ckpt
+from adadiff_export import manifest as mf
+from adadiff_export import parity, tensorrt_build
+from adadiff_export.build import BuildError, build_engines
+from adadiff_export.cli import main
+from adadiff_export.schedule import VPSchedule
+
+from conftest import tiny_model
+
+MAX_BATCH = 8
+
+
+def _save(model, path: Path, **extra) -> Path:
+    ckpt.save({"config": model.config.to_dict(), "schedule": VPSchedule().to_dict(), "ema": model.state_dict(),
+               **extra}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(engines folder, checkpoint, model, build log lines), built once."""
+    root = tmp_path_factory.mktemp("export")
+    model = tiny_model(uem_gain=20.0)  # spread u across samples so exits differ per sample
+    path = _save(model, root / "tiny.pt", defaults={"threshold": 0.3, "guidance": 1.5})
+    lines = []
+    out = build_engines(path, root / "engines", max_batch=MAX_BATCH, log=lines.append)
+    return out, path, model, lines
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+def test_build_writes_every_segment_and_the_manifest(built):
+    out, path, _, lines = built
+    names = ["stem"] + [f"layer_{i}" for i in range(1, 6)] + ["head", "full"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.onnx" for n in names] + ["manifest.json", "trtexec.sh"])
+    m = mf.load(out)
+    assert [s.name for s in m.segments] == names
+    assert m.exit.threshold == 0.3 and m.exit.guidance == 1.5  # from the checkpoint's defaults
+    assert m.source["sha256"] == mf.sha256_file(path)
+    assert m.onnx["opset"] >= 17 and m.tensorrt is None
+    _no_leftovers(out.parent)
+
+
+def test_onnx_files_have_dynamic_batch_and_static_rest(built):
+    import onnx
+
+    out = built[0]
+    for seg in mf.load(out).segments:
+        g = onnx.load(str(out / seg.file)).graph
+        for vi, ts in zip(list(g.input) + list(g.output), seg.inputs + seg.outputs):
+            dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            assert vi.name == ts.name and dims == list(ts.shape), (seg.name, vi.name, dims)
+
+
+def test_skip_wiring_of_in_mid_and_out_layers(built):
+    m = mf.load(built[0])
+    wiring = [(s.name, s.block, s.skip_from, [t.name for t in s.inputs]) for s in m.layers()]
+    assert wiring == [
+        ("layer_1", "in", None, ["h_in", "temb"]),
+        ("layer_2", "in", None, ["h_in", "temb"]),
+        ("layer_3", "mid", None, ["h_in", "temb"]),
+        ("layer_4", "out", 2, ["h_in", "temb", "skip"]),
+        ("layer_5", "out", 1, ["h_in", "temb", "skip"]),
+    ]
+
+
+def test_segment_parity_on_fresh_inputs(built):
+    out, _, model, lines = built
+    assert any(line.startswith("parity onnxruntime vs PyTorch") for line in lines)
+    figures = parity.segment_parity(model, out, mf.load(out).segments, batch=3, seed=7)
+    assert {f.segment for f in figures} == {"stem", "layer_1", "layer_2", "layer_3", "layer_4", "layer_5", "head", "full"}
+    assert max(f.error for f in figures) < parity.TOLERANCES["fp32"]
+
+
+def test_parity_catches_other_weights(built):
+    out, _, _, _ = built
+    other = tiny_model(seed=3, uem_gain=20.0)
+    figures = parity.segment_parity(other, out, mf.load(out).segments[1:2], batch=2)
+    with pytest.raises(parity.ParityError, match="layer_1"):
+        parity.require(figures)
+
+
+def test_chained_early_exit_matches_the_reference(built):
+    out, _, model, _ = built
+    m = mf.load(out)
+    result = parity.chain_parity(model, VPSchedule(), out, m, batch=MAX_BATCH, seed=5)
+    assert result.exit_mismatches == 0
+    assert result.figure.error < parity.TOLERANCES["fp32"]
+    assert 1.0 < result.mean_layers < 5.0  # the separating threshold really exits some samples early
+
+
+def test_tensorrt_step_says_why_it_skipped(built, tmp_path):
+    probe = tensorrt_build.probe()
+    if probe.available:
+        pytest.skip(f"TensorRT {probe.version} and a GPU are present here")
+    assert any(line.startswith("TensorRT plans skipped: ") and probe.reason in line for line in built[3])
+    with pytest.raises(tensorrt_build.TensorRTUnavailable, match="--tensorrt on"):
+        build_engines(built[1], tmp_path / "engines", max_batch=MAX_BATCH, tensorrt="on")
+    assert not (tmp_path / "engines").exists()
+    _no_leftovers(tmp_path)
+    script = (built[0] / "trtexec.sh").read_text()
+    assert "--loadEngine=layer_4.plan" in script and "--optShapes=h_in:8x18x32,temb:8x32,skip:8x18x32" in script
+
+
+def test_verify_passes_and_catches_one_changed_byte(built, tmp_path, capsys):
+    out = built[0]
+    assert main(["verify", str(out)]) == 0
+    assert "parity: chained early exit vs reference" in capsys.readouterr().out
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "layer_4.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "layer_4.onnx").write_bytes(bytes(data))
+    assert main(["verify", str(copy), "--no-parity"]) == 2
+    assert "layer_4.onnx" in capsys.readouterr().err
+    shutil.copy(out / "layer_4.onnx", copy / "layer_4.onnx")
+    with open(copy / "head.onnx", "r+b") as f:
+        f.truncate(64)
+    assert main(["verify", str(copy), "--no-parity"]) == 2
+    assert "head.onnx" in capsys.readouterr().err
+
+
+def test_profile_costs_and_cumulative_exit_cost(built):
+    from adadiff_export.profile import exit_costs, segment_costs
+
+    out = built[0]
+    costs = segment_costs(out, "onnxruntime", batch=2, warmup=1, iters=2)
+    assert set(costs) == {s.name for s in mf.load(out).segments} and all(v > 0 for v in costs.values())
+    cum = exit_costs(costs, 5)
+    assert cum[0] == pytest.approx(costs["stem"] + costs["layer_1"] + costs["head"])
+    assert all(b > a for a, b in zip(cum, cum[1:]))
+
+
+def test_calibrate_stores_the_curve_and_picks_a_threshold(built, tmp_path):
+    from adadiff_export.calibrate import calibrate_folder, pick
+
+    copy = tmp_path / "engines"
+    shutil.copytree(built[0], copy)
+    cal = calibrate_folder(copy, checkpoint=built[1], thresholds=[0.0, 0.3, 0.5, 0.7, 1.0], batch=32,
+                           target_layers=0.6, fd_samples=0, log=lambda s: None)
+    m = mf.load(copy)  # checksums still hold
+    assert [p.threshold for p in m.calibration] == [0.0, 0.3, 0.5, 0.7, 1.0]
+    assert m.calibration[0].mean_layers == 5.0 and m.calibration[0].mse == 0.0
+    assert m.calibration[-1].mean_layers == 1.0  # u < 1 always: everyone exits after layer 1
+    layers = [p.mean_layers for p in m.calibration]
+    assert layers == sorted(layers, reverse=True)
+    assert m.exit.threshold == cal.threshold
+    assert next(p for p in m.calibration if p.threshold == cal.threshold).mean_layers <= 0.6 * 5
+    # the quality budget picks the shallowest point under the error budget
+    points = [mf.CalibrationPoint(0.0, 5.0, 0.0), mf.CalibrationPoint(0.1, 4.0, 0.01), mf.CalibrationPoint(0.2, 2.0, 0.05)]
+    assert pick(points, 5, None, 0.02, 0.3)[0] == 0.1
+    assert pick(points, 5, 0.5, None, 0.3)[0] == 0.2
+    assert pick(points, 5, None, None, 0.3)[0] == 0.3
+
+
+def test_uncertainty_map_output(tmp_path):
+    from adadiff_export.onnx_export import export_segment
+    from adadiff_export.segments import segment_specs
+
+    model = tiny_model(uem_gain=20.0)
+    spec = segment_specs(model, uncertainty_map=True)[4]  # layer_4: an out layer with a skip
+    export_segment(model, spec, tmp_path / "layer_4.onnx", max_batch=4, uncertainty_map=True)
+    spec = mf.Segment(**{**spec.__dict__, "file": "layer_4.onnx"})
+    assert [t.name for t in spec.outputs] == ["h_out", "u", "u_map"]
+    figures = parity.segment_parity(model, tmp_path, [spec], batch=2, uncertainty_map=True)
+    assert [f.output for f in figures] == ["h_out", "u", "u_map"]
+    parity.require(figures)
+
+
+# ----- bad input: one clear error, exit 2, no folder and no temporary folder --------------------
+
+def _bad_checkpoints(tmp_path: Path, good: Path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint" * 10)
+    code = tmp_path / "code.pt"
+    torch.save({"format": "adadiff-checkpoint", "version": 1, "obj": np.random.default_rng()}, code)
+    mismatch = tmp_path / "mismatch.pt"
+    raw = torch.load(good, weights_only=True)
+    raw["config"] = {**raw["config"], "embed_dim": 64}
+    torch.save(raw, mismatch)
+    return {"missing": (tmp_path / "nope.pt", "does not exist"), "truncated": (truncated, "truncated or corrupt"),
+            "corrupt": (corrupt, "corrupt"), "needs code": (code, "needs code to unpickle"),
+            "config/weights mismatch": (mismatch, "do not match")}
+
+
+def test_bad_checkpoints_fail_cleanly(built, tmp_path, capsys):
+    for case, (path, message) in _bad_checkpoints(tmp_path, built[1]).items():
+        out = tmp_path / f"engines_{case.replace(' ', '_').replace('/', '_')}"
+        assert main(["build", str(path), "-o", str(out), "--max-batch", "2"]) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (case, err)
+        assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_existing_folder_is_refused_without_force(built, capsys):
+    out = built[0]
+    before = mf.sha256_file(out / mf.FILENAME)
+    assert main(["build", str(built[1]), "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert mf.sha256_file(out / mf.FILENAME) == before
+
+
+def test_force_never_replaces_a_folder_that_is_not_an_engines_folder(built, tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing"):
+        build_engines(built[1], tmp_path / "home", force=True)
+    assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"
+
+
+def _failing_export(exc: BaseException, after: int):
+    calls = []
+
+    def fake(model, spec, path, max_batch, uncertainty_map=False, opset=18):
+        calls.append(spec.name)
+        Path(path).write_bytes(b"partial")
+        if len(calls) > after:
+            raise exc
+    return fake
+
+
+def test_full_disk_leaves_nothing_behind(built, tmp_path, monkeypatch, capsys):
+    from adadiff_export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "export_segment",
+                        _failing_export(OSError(errno.ENOSPC, "No space left on device", "layer_2.onnx"), 2))
+    out = tmp_path / "engines"
+    with pytest.raises(BuildError, match="No space left on device"):
+        build_engines(built[1], out, max_batch=2)
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+    assert main(["build", str(built[1]), "-o", str(out), "--max-batch", "2"]) == 2
+    assert "No space left" in capsys.readouterr().err
+
+
+def test_interrupted_build_leaves_nothing_behind_and_keeps_the_old_folder(built, tmp_path, monkeypatch):
+    from adadiff_export import onnx_export
+
+    out = tmp_path / "engines"
+    shutil.copytree(built[0], out)
+    monkeypatch.setattr(onnx_export, "export_segment", _failing_export(KeyboardInterrupt(), 3))
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(built[1], out, max_batch=2, force=True)
+    mf.load(out)  # the previous folder is intact
+    _no_leftovers(tmp_path)
+    assert main(["build", str(built[1]), "-o", str(tmp_path / "other"), "--max-batch", "2"]) == 130
+    assert not (tmp_path / "other").exists()
+    _no_leftovers(tmp_path)

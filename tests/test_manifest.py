@@ -1,0 +1,133 @@
+"""manifest.json: round trip and every refusal (docs/MANIFEST.md), without exporting anything."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from adadiff_export import manifest as mf
+from adadiff_export.config import preset
+from adadiff_export.model import UViT
+from adadiff_export.segments import segment_specs
+
+
+def _folder(tmp_path: Path, depth_preset: str = "tiny") -> Path:
+    """A folder with dummy segment files and a valid manifest naming them."""
+    model = UViT(preset(depth_preset))
+    segments = []
+    for spec in segment_specs(model):
+        name = f"{spec.name}.onnx"
+        (tmp_path / name).write_bytes(f"dummy {spec.name}".encode())
+        segments.append(replace(spec, file=name, sha256=mf.sha256_file(tmp_path / name)))
+    c = model.config
+    m = mf.Manifest(model={**c.to_dict(), "null_class": c.num_classes, "num_tokens": c.num_tokens,
+                           "num_extra_tokens": c.num_extra_tokens},
+                    schedule={"type": "vp_linear", "beta_min": 0.1, "beta_max": 20.0, "t_eps": 0.001},
+                    max_batch=8, segments=segments, source={"checkpoint": "x.pt", "sha256": "0" * 64},
+                    exit=mf.ExitDefaults(threshold=0.25, guidance=1.5),
+                    calibration=[mf.CalibrationPoint(0.1, 4.5, 1e-3, None), mf.CalibrationPoint(0.2, 3.0, 2e-3, 7.5)])
+    mf.write(m, tmp_path)
+    return tmp_path
+
+
+def _sub(tmp_path: Path, name: str) -> Path:
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def _edit(folder: Path, fn) -> None:
+    path = folder / mf.FILENAME
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def test_round_trip(tmp_path):
+    folder = _folder(tmp_path)
+    m = mf.load(folder)
+    assert [s.name for s in m.segments] == ["stem", "layer_1", "layer_2", "layer_3", "layer_4", "layer_5", "head", "full"]
+    assert m.exit.threshold == 0.25 and m.exit.guidance == 1.5
+    assert m.calibration[1] == mf.CalibrationPoint(0.2, 3.0, 2e-3, 7.5)
+    assert m.segment("stem").inputs[0] == mf.TensorSpec("x", "float32", ("B", 1, 8, 8))
+    again = tmp_path / "again"
+    again.mkdir()
+    mf.write(m, again)
+    assert json.loads((again / mf.FILENAME).read_text()) == json.loads((folder / mf.FILENAME).read_text())
+
+
+def test_skip_wiring_in_mid_out_for_depth_13():
+    specs = {s.name: s for s in segment_specs(UViT(preset("small")))}
+    assert [specs[f"layer_{i}"].block for i in range(1, 14)] == ["in"] * 6 + ["mid"] + ["out"] * 6
+    # out layer k+1+j takes in layer k+1-j (k = 6)
+    assert [specs[f"layer_{i}"].skip_from for i in range(8, 14)] == [6, 5, 4, 3, 2, 1]
+    assert all(specs[f"layer_{i}"].skip_from is None for i in range(1, 8))
+    assert [t.name for t in specs["layer_8"].inputs] == ["h_in", "temb", "skip"]
+    assert [t.name for t in specs["layer_7"].inputs] == ["h_in", "temb"]
+
+
+@pytest.mark.parametrize("name", ["../stem.onnx", "/etc/passwd", "sub/stem.onnx", "..", "", "C:\\x.onnx", "a\\b.onnx"])
+def test_refuses_file_names_outside_the_folder(tmp_path, name):
+    folder = _folder(tmp_path)
+    _edit(folder, lambda d: d["segments"][2].update(file=name))
+    with pytest.raises(mf.ManifestError, match="layer_2"):
+        mf.load(folder)
+
+
+def test_refuses_plan_outside_the_folder(tmp_path):
+    folder = _folder(tmp_path)
+    trt = {"version": "10.5", "gpu_arch": "sm_90", "precision": "fp16", "profile": {"min": 1, "opt": 4, "max": 8},
+           "plans": {"stem": {"file": "../stem.plan", "sha256": "0" * 64}}}
+    _edit(folder, lambda d: d.update(tensorrt=trt))
+    with pytest.raises(mf.ManifestError, match="outside"):
+        mf.load(folder)
+
+
+def test_refuses_other_versions_and_formats(tmp_path):
+    folder = _folder(tmp_path)
+    _edit(folder, lambda d: d.update(version=2))
+    with pytest.raises(mf.ManifestError, match="version 2"):
+        mf.load(folder)
+    _edit(folder, lambda d: d.update(version=1, format="something-else"))
+    with pytest.raises(mf.ManifestError, match="format"):
+        mf.load(folder)
+
+
+def test_bad_checksum_names_the_file(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "layer_4.onnx").write_bytes(b"dummy layer_5")  # same length, other bytes
+    with pytest.raises(mf.ManifestError, match="layer_4.onnx"):
+        mf.load(folder)
+    mf.load(folder, check=False)  # the schema alone still holds
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "head.onnx").unlink()
+    with pytest.raises(mf.ManifestError, match="head.onnx is missing"):
+        mf.load(folder)
+    (folder / mf.FILENAME).write_text('{"format": "adadiff-engines", ')
+    with pytest.raises(mf.ManifestError, match="not valid JSON"):
+        mf.load(folder)
+    with pytest.raises(FileNotFoundError):
+        mf.load(tmp_path / "nope")
+
+
+def test_refuses_wrong_wiring_order_and_tensor_names(tmp_path):
+    folder = _folder(tmp_path)
+    _edit(folder, lambda d: d["segments"][5].update(skip_from=2))  # layer_5 takes layer_1
+    with pytest.raises(mf.ManifestError, match="layer_5.*skip_from"):
+        mf.load(folder)
+    folder2 = _folder(_sub(tmp_path, "b"))
+    _edit(folder2, lambda d: d["segments"].reverse())
+    with pytest.raises(mf.ManifestError, match="segments are"):
+        mf.load(folder2)
+    folder3 = _folder(_sub(tmp_path, "c"))
+    _edit(folder3, lambda d: d["segments"][1]["outputs"][1].update(name="uncertainty"))
+    with pytest.raises(mf.ManifestError, match="layer_1: tensors"):
+        mf.load(folder3)
+    folder4 = _folder(_sub(tmp_path, "d"))
+    _edit(folder4, lambda d: d["segments"][0]["inputs"][0].update(shape=["B", 1, "H", 8]))
+    with pytest.raises(mf.ManifestError, match="stem: tensor x has shape"):
+        mf.load(folder4)
