@@ -15,6 +15,7 @@ Train it again with `python -m adadiff_export classifier --out PATH`.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,7 +189,8 @@ def _cmd_classifier(a: argparse.Namespace) -> int:
     acc = accuracy(model, test.images, test.labels)
     stats = feature_stats(model, test.images)
     provenance = {"train": asdict(cfg), "minutes": round(minutes, 2), "machine": platform.processor() or platform.machine(),
-                  "torch": torch.__version__}
+                  "torch": str(torch.__version__),
+                  "command": "python -m adadiff_export " + " ".join(sys.argv[1:])}
     save_classifier(model, a.out, acc, stats, provenance)
     print(f"test accuracy {acc:.4f} after {cfg.epochs} epochs ({minutes:.1f} min); wrote {a.out}")
     return 0

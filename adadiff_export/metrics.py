@@ -64,15 +64,20 @@ def gaussian_stats(feats: Tensor) -> GaussianStats:
 
 def frechet_distance_from_stats(a: GaussianStats, b: GaussianStats) -> float:
     """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), via scipy's sqrtm (float64)."""
+    import warnings
+
     from scipy import linalg
 
     mu1, mu2 = a.mean.numpy(), b.mean.numpy()
     c1, c2 = a.cov.numpy(), b.cov.numpy()
-    covmean, _ = linalg.sqrtm(c1 @ c2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(c1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((c1 + offset) @ (c2 + offset))
-    covmean = covmean.real
+    with warnings.catch_warnings():
+        # ReLU features can have dead units (singular covariance); the offset below handles it.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(c1 @ c2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(c1.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((c1 + offset) @ (c2 + offset))
+    covmean = np.real(covmean)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(covmean))
 
