@@ -1,0 +1,149 @@
+"""The reference early exit against an independent per-layer computation of the rule."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import pytest
+import torch
+
+from adadiff_export.early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.samplers import guided, sample
+from adadiff_export.schedule import VPSchedule
+
+from conftest import tiny_model
+
+B = 8
+
+
+@pytest.fixture(scope="module")
+def spread():
+    """A tiny model whose per-sample uncertainties differ a lot, inputs, and every layer's outputs."""
+    model = tiny_model(seed=0, uem_gain=20.0)
+    c = model.config
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, c.in_chans, c.img_size, c.img_size, generator=g)
+    t = torch.rand(B, generator=g) * 0.9 + 0.05
+    y = torch.randint(0, c.num_classes, (B,), generator=g)
+    with torch.no_grad():
+        outs = model.forward_all_layers(x, t, y)
+    u = torch.stack([m.mean(dim=(1, 2, 3)) for m in outs.u_maps], dim=1)  # [B, N]
+    return model, x, t, y, outs.eps_layers, u
+
+
+def _first_exit(below: List[bool], patience: int) -> int:
+    """1-based exit layer for a per-layer 'below threshold' list (the last layer always exits)."""
+    run = 0
+    for i, b in enumerate(below[:-1]):
+        run = run + 1 if b else 0
+        if run >= patience:
+            return i + 1
+    return len(below)
+
+
+def _threshold_with_mixed_exits(u: torch.Tensor) -> float:
+    """A threshold at which the samples of the batch exit at several different layers."""
+    for q in (0.5, 0.4, 0.6, 0.3, 0.7):
+        thr = float(torch.quantile(u[:, :-1].flatten(), q))
+        layers = {_first_exit((u[j] < thr).tolist(), 1) for j in range(u.shape[0])}
+        if len(layers) >= 3:
+            return thr
+    raise AssertionError("fixture does not spread exits; raise uem_gain")
+
+
+def test_threshold_zero_and_static_zero_are_full_depth(spread):
+    model, x, t, y, eps, _ = spread
+    with torch.no_grad():
+        full = model(x, t, y)
+    for policy in (ExitPolicy("uem", threshold=0.0), FULL_DEPTH, ExitPolicy("saturation", threshold=0.0),
+                   ExitPolicy("uem", threshold=0.0, granularity="batch")):
+        r = early_exit(model, x, t, y, policy)
+        assert r.exit_layer.tolist() == [model.depth] * B, policy
+        torch.testing.assert_close(r.eps, full)
+
+
+@pytest.mark.parametrize("layer", [1, 3, 5])
+def test_static_exits_every_sample_at_its_layer(spread, layer):
+    model, x, t, y, eps, _ = spread
+    r = early_exit(model, x, t, y, ExitPolicy("static", layer=layer))
+    assert r.exit_layer.tolist() == [layer] * B
+    torch.testing.assert_close(r.eps, eps[layer - 1])
+    assert torch.isnan(r.u).all()  # static computes no uncertainty
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_uem_per_sample_exits_follow_the_rule(spread, patience):
+    model, x, t, y, eps, u = spread
+    thr = _threshold_with_mixed_exits(u)
+    r = early_exit(model, x, t, y, ExitPolicy("uem", threshold=thr, patience=patience))
+    expect = [_first_exit((u[j] < thr).tolist(), patience) for j in range(B)]
+    assert r.exit_layer.tolist() == expect
+    if patience == 1:
+        assert len(set(expect)) >= 3  # the batch really mixes exit layers
+    for j in range(B):
+        torch.testing.assert_close(r.eps[j], eps[expect[j] - 1][j], atol=1e-5, rtol=1e-5)
+        k = min(expect[j], model.depth - 1)  # the last layer always exits: no UEM there
+        torch.testing.assert_close(r.u[j, :k], u[j, :k], atol=1e-6, rtol=1e-5)  # u of every layer it ran
+        assert torch.isnan(r.u[j, k:]).all()  # nothing computed after its exit
+
+
+def test_compaction_equals_running_each_sample_alone(spread):
+    model, x, t, y, _, u = spread
+    policy = ExitPolicy("uem", threshold=_threshold_with_mixed_exits(u))
+    r = early_exit(model, x, t, y, policy)
+    for j in range(B):
+        alone = early_exit(model, x[j:j + 1], t[j:j + 1], y[j:j + 1], policy)
+        assert int(alone.exit_layer) == int(r.exit_layer[j])
+        torch.testing.assert_close(alone.eps[0], r.eps[j], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_granularity_uses_the_batch_mean(spread):
+    model, x, t, y, eps, u = spread
+    thr = float(u[:, :-1].mean(dim=0).median())
+    r = early_exit(model, x, t, y, ExitPolicy("uem", threshold=thr, granularity="batch"))
+    layer = _first_exit((u.mean(dim=0) < thr).tolist(), 1)
+    assert 1 <= layer < model.depth
+    assert r.exit_layer.tolist() == [layer] * B
+    torch.testing.assert_close(r.eps, eps[layer - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_saturation_exits_when_the_hidden_state_stops_changing(spread):
+    model, x, t, y, eps, _ = spread
+    hs: List[torch.Tensor] = []
+    with torch.no_grad():
+        h0, _ = model.stem(x, t, y)
+        model.run_layers(h0, lambda i, h: hs.append(h))
+    prev = [h0] + hs[:-1]
+    change = torch.stack([(h - p).flatten(1).norm(dim=1) / p.flatten(1).norm(dim=1) for h, p in zip(hs, prev)], dim=1)
+    thr = float(change[:, :-1].median())
+    r = early_exit(model, x, t, y, ExitPolicy("saturation", threshold=thr))
+    expect = [_first_exit((change[j] < thr).tolist(), 1) for j in range(B)]
+    assert r.exit_layer.tolist() == expect
+    assert len(set(expect)) >= 2
+    for j in range(B):
+        torch.testing.assert_close(r.eps[j], eps[expect[j] - 1][j], atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_one_exits_after_the_first_layer(spread):
+    model, x, t, y, eps, _ = spread
+    r = early_exit(model, x, t, y, ExitPolicy("uem", threshold=1.0))
+    assert r.exit_layer.tolist() == [1] * B
+    torch.testing.assert_close(r.eps, eps[0], atol=1e-5, rtol=1e-5)
+
+
+def test_policy_validation():
+    for bad in (dict(kind="other"), dict(granularity="row"), dict(threshold=1.5), dict(patience=0),
+                dict(kind="static", layer=-1), dict(kind="saturation", threshold=-0.1)):
+        with pytest.raises(ValueError):
+            ExitPolicy(**bad)
+
+
+def test_denoiser_records_layers_under_guidance(spread):
+    model, x, _, y, _, u = spread
+    den = EarlyExitDenoiser(model, ExitPolicy("uem", threshold=_threshold_with_mixed_exits(u)))
+    out = sample("dpm++", guided(den, 2.0, model.config.num_classes), x.clone(), VPSchedule(), 4, y=y)
+    assert out.shape == x.shape
+    lbs = den.layers_by_step()
+    assert lbs.shape == (4, 2 * B)  # both halves of classifier-free guidance
+    assert den.mean_layers() == pytest.approx(float(lbs.float().mean()))
+    assert 1 <= int(lbs.min()) and int(lbs.max()) <= model.depth
+    assert den.with_policy(FULL_DEPTH).history == []
