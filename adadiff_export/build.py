@@ -132,6 +132,11 @@ def _check_parity(loaded: Loaded, tmp: Path, manifest: Manifest, opts: BuildOpti
         if not f.passed:
             log("  " + f.describe())
     parity.require(figures)
+    ov = parity.openvino_parity(tmp, manifest, batch=batch)
+    worst = max(ov, key=lambda f: f.error)
+    log(f"parity OpenVINO (CPU, f32) vs onnxruntime, every segment: worst normalized error {worst.error:.2e} "
+        f"({worst.segment}.{worst.output})")
+    parity.require(ov)
     chain = parity.chain_parity(loaded.model, loaded.schedule, tmp, manifest,
                                 batch=min(opts.parity_batch, opts.max_batch))
     log(f"parity chained segments with exits vs reference early exit (batch {chain.batch}, threshold "

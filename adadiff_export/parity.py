@@ -129,6 +129,44 @@ def segment_parity(model, folder: Path, segments: Sequence[Segment], batch: int 
     return figures
 
 
+def random_feed(seg: Segment, batch: int, rng: np.random.Generator, num_classes: int) -> Dict[str, np.ndarray]:
+    """Numpy inputs of the right shapes and plausible ranges for one segment."""
+    feed = {}
+    for ts in seg.inputs:
+        shape = ts.concrete(batch)
+        if ts.dtype == "int64":
+            feed[ts.name] = rng.integers(0, max(num_classes, 1), shape).astype(np.int64)
+        elif ts.name == "t":
+            feed[ts.name] = rng.uniform(0.001, 1.0, shape).astype(np.float32)
+        else:
+            feed[ts.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def openvino_parity(folder: Path, manifest: Manifest, batch: int = 4, seed: int = 0,
+                    tolerance: float = TOLERANCES["fp32"]) -> List[ParityFigure]:
+    """Every segment through OpenVINO (CPU, f32 inference precision) vs onnxruntime on the same inputs.
+
+    f32 is asked for explicitly: on CPUs with bf16 OpenVINO's default silently runs bf16.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    rng = np.random.default_rng(seed)
+    figures: List[ParityFigure] = []
+    with ort_runners(folder, manifest.segments) as runners:
+        for seg in manifest.segments:
+            feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
+            ref = _infer(runners[seg.name], feed)
+            compiled = core.compile_model(str(Path(folder) / seg.file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            got = compiled.create_infer_request().infer(feed)
+            by_name = {out.get_any_name(): val for out, val in got.items()}
+            for ts in seg.outputs:
+                figures.append(ParityFigure(seg.name, ts.name, normalized_error(ref[ts.name], by_name[ts.name]),
+                                            tolerance))
+    return figures
+
+
 # ----- chained parity ----------------------------------------------------------------------------
 
 def run_chain(runners: Dict[str, object], manifest: Manifest, x: np.ndarray, t: np.ndarray,
@@ -237,13 +275,9 @@ def require_chain(result: ChainResult) -> None:
 def full_chain_parity(folder: Path, manifest: Manifest, batch: int = 4, seed: int = 0,
                       tolerance: float = TOLERANCES["fp32"]) -> ParityFigure:
     """Segments chained at full depth vs `full.onnx` on random inputs (no checkpoint needed)."""
-    rng = np.random.default_rng(seed)
-    m = manifest.model
-    x = rng.standard_normal((batch, m["in_chans"], m["img_size"], m["img_size"])).astype(np.float32)
-    t = rng.uniform(manifest.schedule.get("t_eps", 1e-3), 1.0, batch).astype(np.float32)
-    y = rng.integers(0, m["num_classes"] + 1, batch).astype(np.int64) if m["num_classes"] > 0 else None
+    feed = random_feed(manifest.segment("stem"), batch, np.random.default_rng(seed), manifest.model["num_classes"])
+    x, t, y = feed["x"], feed["t"], feed.get("y")
     with ort_runners(folder, manifest.segments) as runners:
         eps, _ = run_chain(runners, manifest, x, t, y, threshold=0.0)
-        feed = {"x": x, "t": t, **({"y": y} if y is not None else {})}
         full = _infer(runners["full"], feed)["eps"]
     return ParityFigure("full", "eps", normalized_error(full, eps), tolerance)

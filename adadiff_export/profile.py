@@ -24,23 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .manifest import Manifest, Segment, load
+from .manifest import Manifest, load
+from .parity import random_feed
 
 ENGINES = ("openvino", "onnxruntime")
-
-
-def random_feed(seg: Segment, batch: int, rng: np.random.Generator, num_classes: int) -> Dict[str, np.ndarray]:
-    """Inputs of the right shapes for timing (values do not change the cost of these graphs)."""
-    feed = {}
-    for ts in seg.inputs:
-        shape = ts.concrete(batch)
-        if ts.dtype == "int64":
-            feed[ts.name] = rng.integers(0, max(num_classes, 1), shape).astype(np.int64)
-        elif ts.name == "t":
-            feed[ts.name] = rng.uniform(0.001, 1.0, shape).astype(np.float32)
-        else:
-            feed[ts.name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
 
 
 def _timed(run: Callable[[], object], warmup: int, iters: int) -> float:

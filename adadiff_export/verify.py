@@ -86,6 +86,11 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
     say(f"parity: segments chained at full depth vs full.onnx (onnxruntime): normalized error {fig.error:.2e} "
         f"(tolerance {fig.tolerance:.0e})")
     par.require([fig])
+    ov = par.openvino_parity(folder, manifest, batch=min(4, manifest.max_batch), seed=1)
+    worst = max(ov, key=lambda f: f.error)
+    say(f"parity: every segment through OpenVINO (CPU, f32) vs onnxruntime: worst normalized error "
+        f"{worst.error:.2e} ({worst.segment}.{worst.output})")
+    par.require(ov)
     ckpt = source_checkpoint(manifest, checkpoint)
     if ckpt is None:
         say("parity vs PyTorch skipped: the source checkpoint is not at hand (pass --checkpoint)")
