@@ -58,7 +58,7 @@ def _check_destination(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     if not out.is_dir() or out.is_symlink():
         raise FileExistsError(f"{out} exists and is not a folder; refusing to replace it even with --force")
-    if any(out.iterdir()) and not (out / FILENAME).is_file():
+    if any(p.name != ".gitkeep" for p in out.iterdir()) and not (out / FILENAME).is_file():
         raise FileExistsError(f"{out} is a non-empty folder without {FILENAME}; refusing to replace it "
                               "even with --force (choose another -o)")
 
