@@ -63,7 +63,7 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: DemoConfig, thr: fl
     }
 
 
-def table(results: Dict[str, Quality], n_layers: int) -> str:
+def table(results: Dict[str, Quality], n_layers: int, steps: int) -> str:
     """A short fixed-width table: time per run, speedup over the fastest full-depth peer, layers, FD, accuracy."""
     peers = [q.ms_per_chunk for name, q in results.items() if "full" in name]
     fastest = min(peers)
@@ -72,8 +72,9 @@ def table(results: Dict[str, Quality], n_layers: int) -> str:
     for name, q in results.items():
         lines.append(f"{name:40s} {q.ms_per_chunk:9.0f} {fastest / q.ms_per_chunk:7.2f}x {q.mean_layers:7.2f} "
                      f"{q.fd:7.2f} {q.accuracy * 100:6.1f}")
-    lines.append(f"(ms/run: one 50-step DPM-Solver++ run of {next(iter(results.values())).chunk} images with guidance; "
-                 f"layers of {n_layers}; FD in the shipped classifier's feature space, not Inception FID)")
+    lines.append(f"(ms/run: median time of one {steps}-step DPM-Solver++ run of {next(iter(results.values())).chunk} "
+                 f"images with guidance; layers of {n_layers}; FD in the shipped classifier's feature space, "
+                 "not Inception FID)")
     return "\n".join(lines)
 
 
@@ -101,7 +102,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
         results[name] = measure_quality(ct.sample, clf, (c.in_chans, c.img_size, c.img_size), c.num_classes, cfg.n,
                                         chunk, cfg.steps, cfg.seed)
     print(f"[3/4] results on {machine_line(machine())}")
-    print(table(results, loaded.model.depth))
+    print(table(results, loaded.model.depth, cfg.steps))
     print(f"default threshold: {thr:g}")
     print("[4/4] pictures")
     paths = _pictures(loaded, cts, cfg, thr, w)

@@ -82,7 +82,7 @@ def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, full_ms: float, f
     PyTorch oracle, whose times are PyTorch times): the legend says so.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), sharey=True)
     labels = {"uem": "uem (adadiff_rt)", "static": "static (adadiff_rt)", "saturation": f"saturation ({saturation_engine})"}
     for ax, xkey, full_x, xlabel in (
             (axes[0], "mean_layers", full_layers, "mean layers per denoiser call"),
@@ -99,8 +99,9 @@ def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, full_ms: float, f
                 ax.annotate(text, (xv, p.fd), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         ax.scatter([full_x], [full_fd], marker="*", s=140, color="black", zorder=5, label="full depth (adadiff_rt)")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("FD to test set (classifier features, lower is better)")
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("FD to test set (classifier features, lower is better)")
+    fig.subplots_adjust(wspace=0.12)
     axes[0].legend(title="policy (labels: threshold / exit layer)", fontsize=8, title_fontsize=8)
     fig.suptitle(title + " (Figure 5)", fontsize=10)
     return _save(fig, path)
@@ -108,10 +109,11 @@ def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, full_ms: float, f
 
 # ----- Figure 1 ---------------------------------------------------------------
 def plot_layer_error(ts: Sequence[float], error: np.ndarray, path: Path) -> Path:
-    """Figure 1: mean squared error of each layer's prediction to the final layer's."""
+    """Figure 1: mean squared error of each layer's prediction to the final layer's (layers 1..N-1)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    n = error.shape[1]
+    n = error.shape[1] - 1  # the last layer's error to itself is 0 by definition
+    error = error[:, :n]
     layers = np.arange(1, n + 1)
     cmap = plt.get_cmap("viridis")
     for j, t in enumerate(ts):
@@ -119,7 +121,7 @@ def plot_layer_error(ts: Sequence[float], error: np.ndarray, path: Path) -> Path
                 label=f"t = {t:.2f}")
     ax.set_yscale("log")
     ax.set_xticks(layers)
-    ax.set_xlabel("layer i")
+    ax.set_xlabel(f"layer i (of {n + 1})")
     ax.set_ylabel(r"MSE($\epsilon_i$, $\epsilon_N$)")
     ax.set_title("Per-layer error to the final layer (Figure 1)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
