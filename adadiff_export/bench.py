@@ -57,7 +57,7 @@ class BenchConfig:
     repeats: int = 3
     warmup: int = 1
     n_quality: int = 256
-    sweep: Tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # thresholds as multiples of the default
+    sweep: Tuple[float, ...] = (0.5, 1.0, 2.0)      # thresholds as multiples of the default
     guidance: Optional[float] = None               # None: the checkpoint's
     threshold: Optional[float] = None              # None: the checkpoint's default
     cifar: bool = True
@@ -68,7 +68,7 @@ class BenchConfig:
     @staticmethod
     def quick(**kw) -> "BenchConfig":
         base = dict(denoise_batches=(1, 64), sample_batches=(1, 8), sweep_batches=(8,), repeats=2,
-                    n_quality=64, sweep=(0.5, 1.0, 2.0), cifar_batches=(1,))
+                    n_quality=64, sweep=(1.0, 2.0), cifar_batches=(1,))
         base.update(kw)
         return BenchConfig(**base)
 
@@ -807,6 +807,28 @@ def markdown(rows: Sequence[Row], info: Dict[str, object], command: str) -> str:
     return "\n".join(out)
 
 
+GOALS = {"speedup": 1.7, "efficiency": 0.9, "fd_ratio": 1.15}  # issue 5, at the shipped default threshold
+
+
+def goals(rows: Sequence[Row], batches: Sequence[int] = (1, 64)) -> List[str]:
+    """The issue's goals checked on the measured rows: whole sampling run, default threshold, granularity sample."""
+    lines = []
+    full_fd = next((r.fd for r in rows if r.model == "small" and r.policy == "full" and np.isfinite(r.fd)), float("nan"))
+    for b in batches:
+        r = next((r for r in rows if r.model == "small" and r.workload == "sample" and r.batch == b
+                  and r.engine == "adadiff_rt" and r.default and r.granularity == "sample"), None)
+        if r is None:
+            lines.append(f"batch {b}: not measured in this run")
+            continue
+        ratio = r.fd / full_fd if np.isfinite(full_fd) and full_fd > 0 else float("nan")
+        checks = [("speedup", r.speedup, r.speedup >= GOALS["speedup"], f">= {GOALS['speedup']}x"),
+                  ("efficiency", r.efficiency, r.efficiency >= GOALS["efficiency"], f">= {GOALS['efficiency']}"),
+                  ("FD / full-depth FD", ratio, ratio <= GOALS["fd_ratio"], f"<= {GOALS['fd_ratio']}")]
+        parts = [f"{name} {_fmt(v, '.3f')} ({'met' if ok else 'NOT met'}, goal {goal})" for name, v, ok, goal in checks]
+        lines.append(f"batch {b}, threshold {r.threshold:g}, {r.mean_layers:.2f} layers: " + "; ".join(parts))
+    return lines
+
+
 def to_json(rows: Sequence[Row], info: Dict[str, object]) -> List[Dict[str, object]]:
     """The JSON list of rows (NaN becomes null), each naming the machine."""
     def clean(v):
@@ -862,6 +884,8 @@ def run(cfg: BenchConfig, command: str, json_path: Optional[Path] = None, progre
     if cfg.cifar:
         res.rows += run_cifar_shape(cfg, max(1, int(round(res.matched_layers))), progress)
     md = markdown(res.rows, res.machine, command)
+    md += "\nGoals (issue 5; whole sampling run, adadiff_rt at the default threshold, granularity sample):\n\n"
+    md += "\n".join(f"- {line}" for line in goals(res.rows)) + "\n"
     (cfg.out / "bench.md").write_text(md + "\n")
     payload = json.dumps(to_json(res.rows, res.machine), indent=1)
     (cfg.out / "bench.json").write_text(payload + "\n")
@@ -877,6 +901,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     res = run(cfg, "python -m adadiff_export " + " ".join(sys.argv[1:]), a.json)
     print(markdown(res.rows, res.machine, "python -m adadiff_export " + " ".join(sys.argv[1:])))
+    print("Goals (issue 5; whole 50-step sampling run, adadiff_rt at the default threshold, granularity sample):")
+    for line in goals(res.rows):
+        print("  " + line)
     print(f"default threshold {res.default_threshold:g}, guidance {res.guidance:g}; "
           f"FD is in the shipped classifier's feature space (not Inception FID)")
     print(f"table: {cfg.out / 'bench.md'}  rows: {cfg.out / 'bench.json'}")
