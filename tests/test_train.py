@@ -1,0 +1,92 @@
+"""Training: a few steps on synthetic 8x8 data, resume, the plain loss, DDP under torchrun, data errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff_export import checkpoint as ckpt
+from adadiff_export.cli import main
+from adadiff_export.data import DataError, load_dataset
+from adadiff_export.losses import LossConfig
+from adadiff_export.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(path, images=rng.integers(0, 256, (32, 8, 8), dtype=np.uint8), labels=rng.integers(0, 10, 32))
+    return path
+
+
+def _cfg(npz: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(out=out, config="tiny", data=str(npz), steps=2, batch_size=4, warmup=1, sample_every=0,
+                save_every=100, log_every=1, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_joint_training_saves_a_loadable_checkpoint_and_resumes(npz: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    path = train(_cfg(npz, out))
+    raw = ckpt.read_raw(path)
+    assert raw["step"] == 2 and set(raw) >= {"model", "ema", "optimizer", "config", "defaults"}
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2]
+    assert all(np.isfinite([r["simple"], r["u"], r["ual"], r["total"]]).all() for r in logs)
+    first = ckpt.load(path).model.state_dict()
+    train(_cfg(npz, out, steps=4, resume=True))
+    raw2 = ckpt.read_raw(path)
+    assert raw2["step"] == 4
+    later = ckpt.load(path).model.state_dict()
+    assert any(not torch.equal(first[k], later[k]) for k in first)
+
+
+def test_plain_loss_then_fine_tune_with_init(npz: Path, tmp_path: Path):
+    plain = train(_cfg(npz, tmp_path / "plain", loss=LossConfig("simple")))
+    logs = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert set(logs[-1]) >= {"simple", "total"} and "ual" not in logs[-1]
+    tuned = train(_cfg(npz, tmp_path / "tuned", init=plain, steps=1))
+    assert ckpt.read_raw(tuned)["step"] == 1
+
+
+def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("ADADIFF_FASHION_MNIST", str(tmp_path / "none"))
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+    assert main(["train", "--config", "tiny", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_data_errors(tmp_path: Path):
+    with pytest.raises(DataError, match="neither"):
+        load_dataset(str(tmp_path / "missing.npz"))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pictures=np.zeros((2, 8, 8)))
+    with pytest.raises(DataError, match="no array named 'images'"):
+        load_dataset(str(bad))
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((4, 28, 28), dtype=np.uint8))
+    with pytest.raises(DataError, match="shape"):
+        train(_cfg(wrong, tmp_path / "w"))
+
+
+def test_ddp_two_processes_under_torchrun(npz: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "adadiff_export", "train", "--config", "tiny", "--data", str(npz), "--steps", "3",
+           "--batch-size", "4", "--warmup", "1", "--sample-every", "0", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = ckpt.read_raw(out / "ckpt.pt")
+    assert raw["step"] == 3
+    assert ckpt.load(out / "ckpt.pt").model.config.depth == 5
