@@ -145,6 +145,16 @@ def _check_parity(loaded: Loaded, tmp: Path, manifest: Manifest, opts: BuildOpti
     parity.require_chain(chain)
 
 
+def _check_plans(tmp: Path, manifest: Manifest, opts: BuildOptions, log: Callable[[str], None]) -> None:
+    from . import parity
+
+    figures = parity.tensorrt_parity(tmp, manifest, batch=opts.profile["opt"])
+    worst = max(figures, key=lambda f: f.error)
+    log(f"parity TensorRT {opts.precision} plans vs onnxruntime (batch {opts.profile['opt']}): worst normalized "
+        f"error {worst.error:.2e} ({worst.segment}.{worst.output}), tolerance {worst.tolerance:.0e}")
+    parity.require(figures)
+
+
 def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, precision: str = "fp32",
                   tensorrt: str = "auto", force: bool = False, uncertainty_map: bool = False,
                   calibrate: bool = False, *, opt_batch: Optional[int] = None,
@@ -190,6 +200,7 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
             log(f"TensorRT plans skipped: {trt.reason}")
         else:
             manifest.tensorrt = tensorrt_build.build_plans(tmp, manifest, opts.precision, opts.profile, log)
+            _check_plans(tmp, manifest, opts, log)
         tensorrt_build.write_trtexec_script(tmp, manifest, opts.precision, opts.profile)
         write(manifest, tmp)
         if calibrate:

@@ -6,6 +6,9 @@ mean exit layer, and the prediction error against full depth (mse of eps). When 
 module and its classifier are available, FD of images sampled at each threshold to the real test
 set (in the shipped classifier's feature space, not Inception FID) completes each point.
 
+FD costs a sampling run per point, so only a few points get one (`fd_points`, spread over the
+curve, always including the chosen threshold); the others store `fd: null`.
+
 The default threshold is picked for a target: `target_layers` (mean depth at most this fraction of
 the layers; the lowest-error point that fits) or `max_mse` (the shallowest point whose error stays
 under it). The curve and the pick are written into the folder's manifest (`calibration`,
@@ -65,7 +68,7 @@ def pick(points: Sequence[CalibrationPoint], depth: int, target_layers: Optional
     return current, "no target given; the default threshold is unchanged"
 
 
-def _fd_fn(loaded, log: Callable[[str], None]):
+def _fd_fn(loaded):
     """A function threshold -> FD, or (None, why) when FD cannot be measured here."""
     c = loaded.model.config
     if (c.img_size, c.in_chans) != (28, 1):
@@ -81,11 +84,9 @@ def _fd_fn(loaded, log: Callable[[str], None]):
     return (clf, metrics, generate), ""
 
 
-def sweep(loaded, manifest: Manifest, thresholds: Optional[Sequence[float]] = None, batch: int = 256,
-          fd_samples: int = 100, fd_steps: int = 10, seed: int = 1234,
-          log: Callable[[str], None] = print) -> tuple:
-    """Curve points for each threshold; returns (points, fd_note)."""
-    import torch
+def sweep(loaded, manifest: Manifest, thresholds: Optional[Sequence[float]] = None, batch: int = 128,
+          seed: int = 1234) -> List[CalibrationPoint]:
+    """Mean exit layer and prediction mse against full depth at each threshold, on one held-out batch."""
     from tqdm import tqdm
 
     from .early_exit import ExitPolicy, early_exit
@@ -94,34 +95,56 @@ def sweep(loaded, manifest: Manifest, thresholds: Optional[Sequence[float]] = No
     model = loaded.model
     x, t, y = real_inputs(model, loaded.schedule, batch, seed)
     probe = early_exit(model, x, t, y, ExitPolicy(kind="uem", threshold=0.0))
-    full = probe.eps
     grid = list(thresholds) if thresholds else threshold_grid(probe.u[:, :-1].numpy())
-    base = ExitPolicy(kind="uem", threshold=0.0, patience=manifest.exit.patience,
-                      granularity=manifest.exit.granularity)
-    fd, note = (None, "FD skipped: --fd-samples 0") if fd_samples <= 0 else _fd_fn(loaded, log)
     points: List[CalibrationPoint] = []
     for thr in tqdm(grid, desc="calibrate", unit="threshold", leave=False):
-        policy = replace(base, threshold=float(thr))
-        r = early_exit(model, x, t, y, policy)
-        mse = float(((r.eps.double() - full.double()) ** 2).mean())
-        fd_value = None
-        if fd is not None:
-            clf, metrics, generate = fd
-            images = generate(loaded, fd_samples, policy, sampler="dpm++", steps=fd_steps, seed=seed,
-                              progress=False).images
-            fd_value = round(metrics.fd_to_test_set(clf, images), 4)
-        points.append(CalibrationPoint(float(thr), round(float(r.exit_layer.float().mean()), 4),
-                                       float(f"{mse:.6g}"), fd_value))
-    if fd is not None:
-        note = (f"FD: {fd_samples} images per threshold, dpm++ {fd_steps} steps, to the Fashion-MNIST test set "
-                "in the shipped classifier's feature space (not Inception FID)")
-    return points, note
+        r = early_exit(model, x, t, y, _policy(manifest, thr))
+        mse = float(((r.eps.double() - probe.eps.double()) ** 2).mean())
+        points.append(CalibrationPoint(float(thr), round(float(r.exit_layer.float().mean()), 4), float(f"{mse:.6g}")))
+    return points
+
+
+def _policy(manifest: Manifest, threshold: float):
+    from .early_exit import ExitPolicy
+
+    return ExitPolicy(kind="uem", threshold=float(threshold), patience=manifest.exit.patience,
+                      granularity=manifest.exit.granularity)
+
+
+def fd_indices(points: Sequence[CalibrationPoint], chosen: float, count: int) -> List[int]:
+    """Which points get an FD: `count` spread evenly over the curve, always full depth and the chosen one."""
+    if count <= 0 or not points:
+        return []
+    spread = np.linspace(0, len(points) - 1, num=min(count, len(points))).round().astype(int)
+    chosen_i = min(range(len(points)), key=lambda i: abs(points[i].threshold - chosen))
+    return sorted({int(i) for i in spread} | {chosen_i})
+
+
+def add_fd(loaded, manifest: Manifest, points: List[CalibrationPoint], indices: Sequence[int], samples: int,
+           steps: int, seed: int = 1234) -> str:
+    """Fill `fd` of the chosen points in place (images sampled at that threshold); returns a note."""
+    from tqdm import tqdm
+
+    if not indices:
+        return "FD skipped: --fd-points 0"
+    if samples < 2:
+        raise ValueError(f"--fd-samples must be >= 2 to fit a Gaussian, got {samples}")
+    got, why = _fd_fn(loaded)
+    if got is None:
+        return why
+    clf, metrics, generate = got
+    for i in tqdm(indices, desc="FD", unit="threshold", leave=False):
+        images = generate(loaded, samples, _policy(manifest, points[i].threshold), sampler="dpm++", steps=steps,
+                          seed=seed, progress=False).images
+        points[i] = replace(points[i], fd=round(metrics.fd_to_test_set(clf, images), 4))
+    return (f"FD at {len(indices)} thresholds: {samples} images each, dpm++ {steps} steps, to the Fashion-MNIST "
+            "test set in the shipped classifier's feature space (not Inception FID)")
 
 
 def calibrate_folder(folder: Path, loaded=None, checkpoint: Optional[Path] = None,
                      thresholds: Optional[Sequence[float]] = None, target_layers: Optional[float] = None,
-                     max_mse: Optional[float] = None, batch: int = 256, fd_samples: int = 100, fd_steps: int = 10,
-                     log: Callable[[str], None] = print) -> Calibration:
+                     max_mse: Optional[float] = None, batch: int = 128, fd_points: int = 3, fd_samples: int = 100,
+                     fd_steps: int = 10, log: Callable[[str], None] = print) -> Calibration:
     """Sweep, pick, and rewrite `folder/manifest.json` with the curve and the chosen default threshold."""
     folder = Path(folder)
     manifest = load(folder, check=True)
@@ -133,8 +156,9 @@ def calibrate_folder(folder: Path, loaded=None, checkpoint: Optional[Path] = Non
         if ckpt is None:
             raise FileNotFoundError("the checkpoint this folder was built from is not at hand; pass --checkpoint")
         loaded = load_checkpoint(ckpt)
-    points, note = sweep(loaded, manifest, thresholds, batch, fd_samples, fd_steps, log=log)
+    points = sweep(loaded, manifest, thresholds, batch)
     threshold, reason = pick(points, manifest.depth, target_layers, max_mse, manifest.exit.threshold)
+    note = add_fd(loaded, manifest, points, fd_indices(points, threshold, fd_points), fd_samples, fd_steps)
     manifest.calibration = points
     manifest.exit = replace(manifest.exit, threshold=float(threshold))
     write(manifest, folder)
@@ -170,8 +194,10 @@ def add_parser(sub) -> None:
     target.add_argument("--max-mse", type=float, default=None,
                         help="quality budget: prediction mse against full depth at most this")
     p.add_argument("--thresholds", type=float, nargs="+", default=None, help="thresholds to sweep (default: a grid)")
-    p.add_argument("--batch", type=int, default=256, help="held-out batch size")
-    p.add_argument("--fd-samples", type=int, default=100, help="images sampled per threshold for FD (0: no FD)")
+    p.add_argument("--batch", type=int, default=128, help="held-out batch size")
+    p.add_argument("--fd-points", type=int, default=3,
+                   help="thresholds that also get an FD (spread over the curve, plus the chosen one; 0: no FD)")
+    p.add_argument("--fd-samples", type=int, default=100, help="images sampled per FD point")
     p.add_argument("--fd-steps", type=int, default=10, help="dpm++ steps for the FD samples")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -184,5 +210,5 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     calibrate_folder(a.folder, checkpoint=a.checkpoint, thresholds=a.thresholds, target_layers=a.target_layers,
-                     max_mse=a.max_mse, batch=a.batch, fd_samples=a.fd_samples, fd_steps=a.fd_steps)
+                     max_mse=a.max_mse, batch=a.batch, fd_points=a.fd_points, fd_samples=a.fd_samples, fd_steps=a.fd_steps)
     return 0

@@ -167,6 +167,33 @@ def openvino_parity(folder: Path, manifest: Manifest, batch: int = 4, seed: int 
     return figures
 
 
+def tensorrt_parity(folder: Path, manifest: Manifest, batch: int, seed: int = 0) -> List[ParityFigure]:
+    """Every TensorRT plan vs onnxruntime on the same inputs (polygraphy's TrtRunner), tolerance by precision.
+
+    Runs only where plans were built (a GPU with TensorRT); not exercised in our CI.
+    """
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.logger import G_LOGGER
+
+    trt = manifest.tensorrt
+    tolerance = TOLERANCES[trt.precision]
+    rng = np.random.default_rng(seed)
+    figures: List[ParityFigure] = []
+    with ort_runners(folder, manifest.segments) as runners:
+        for seg in manifest.segments:
+            feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
+            ref = _infer(runners[seg.name], feed)
+            plan = BytesFromPath(str(Path(folder) / trt.plans[seg.name].file))
+            with G_LOGGER.verbosity(G_LOGGER.ERROR), TrtRunner(EngineFromBytes(plan)) as runner:
+                got = dict(runner.infer(feed))
+            for ts in seg.outputs:
+                figures.append(ParityFigure(f"{seg.name}.plan", ts.name,
+                                            normalized_error(ref[ts.name], np.asarray(got[ts.name], np.float32)),
+                                            tolerance))
+    return figures
+
+
 # ----- chained parity ----------------------------------------------------------------------------
 
 def run_chain(runners: Dict[str, object], manifest: Manifest, x: np.ndarray, t: np.ndarray,

@@ -154,7 +154,7 @@ def test_calibrate_stores_the_curve_and_picks_a_threshold(built, tmp_path):
     copy = tmp_path / "engines"
     shutil.copytree(built[0], copy)
     cal = calibrate_folder(copy, checkpoint=built[1], thresholds=[0.0, 0.3, 0.5, 0.7, 1.0], batch=32,
-                           target_layers=0.6, fd_samples=0, log=lambda s: None)
+                           target_layers=0.6, fd_points=0, log=lambda s: None)
     m = mf.load(copy)  # checksums still hold
     assert [p.threshold for p in m.calibration] == [0.0, 0.3, 0.5, 0.7, 1.0]
     assert m.calibration[0].mean_layers == 5.0 and m.calibration[0].mse == 0.0
