@@ -1,0 +1,102 @@
+"""The command line: help texts, `sample --json` and `evaluate --json` on a tiny random checkpoint, errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from adadiff_export.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
+from adadiff_export.cli import build_parser, main
+
+SAMPLE_KEYS = {"mean_layers", "layers_by_step", "seconds", "image_mean", "image_std", "threshold", "sampler",
+               "steps", "n", "backend"}
+
+
+def _run(capsys, *argv: str):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cmd", [[], ["sample"], ["evaluate"], ["train"], ["classifier"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(cmd + ["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: python -m adadiff_export" in text
+    if cmd == ["evaluate"]:
+        assert "NOT Inception FID" in text
+    if cmd == ["sample"]:
+        assert "--threshold" in text and "--backend" in text and "--granularity" in text
+
+
+def test_sample_json_on_a_tiny_checkpoint(tiny_checkpoint: Path, tmp_path: Path, capsys):
+    png = tmp_path / "grid.png"
+    rc, out, _ = _run(capsys, "sample", str(tiny_checkpoint), "--n", "12", "--steps", "3", "--seed", "1",
+                      "--out", str(png), "--json")
+    assert rc == 0
+    rec = _last_json(out)
+    assert set(rec) >= SAMPLE_KEYS
+    assert rec["threshold"] == 0.5  # the checkpoint's stored default
+    assert rec["steps"] == 3 and len(rec["layers_by_step"]) == 3 and rec["n"] == 12 and rec["backend"] == "torch"
+    assert 1.0 <= rec["mean_layers"] <= 5.0
+    assert rec["mean_layers"] == pytest.approx(sum(rec["layers_by_step"]) / 3, abs=1e-2)
+    assert "layers used: mean" in out and "by step:" in out
+    with Image.open(png) as img:
+        assert img.width > 0 and img.height > 0
+    rc, out2, _ = _run(capsys, "sample", str(tiny_checkpoint), "--n", "12", "--steps", "3", "--seed", "1",
+                       "--out", str(png), "--json")
+    again = _last_json(out2)
+    assert (again["image_mean"], again["layers_by_step"]) == (rec["image_mean"], rec["layers_by_step"])
+
+
+@pytest.mark.parametrize("flags,layers", [(["--threshold", "0"], 5.0), (["--policy", "static", "--layer", "2"], 2.0),
+                                          (["--threshold", "1", "--granularity", "batch"], 1.0)])
+def test_sample_layers_follow_the_policy(tiny_checkpoint: Path, tmp_path: Path, capsys, flags, layers):
+    rc, out, _ = _run(capsys, "sample", str(tiny_checkpoint), "--n", "4", "--steps", "2", "--sampler", "ddim",
+                      "--out", str(tmp_path / "g.png"), "--json", *flags)
+    assert rc == 0
+    rec = _last_json(out)
+    assert rec["mean_layers"] == layers and rec["layers_by_step"] == [layers, layers]
+
+
+def test_sample_errors(tiny_checkpoint: Path, tmp_path: Path, capsys):
+    rc, _, err = _run(capsys, "sample", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "g.png"))
+    assert rc == 2 and err.startswith("error:") and "does not exist" in err
+    rc, _, err = _run(capsys, "sample", str(tiny_checkpoint), "--policy", "saturation", "--out", str(tmp_path / "g.png"))
+    assert rc == 2 and "--threshold" in err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("adadiff_rt") is not None, reason="adadiff_rt is built here")
+def test_sample_rt_backend_without_the_runtime_says_how_to_build_it(tiny_checkpoint: Path, tmp_path: Path, capsys):
+    rc, _, err = _run(capsys, "sample", str(tiny_checkpoint), "--backend", "rt", "--engines", str(tmp_path),
+                      "--out", str(tmp_path / "g.png"))
+    assert rc == 2 and "adadiff_rt" in err and "pip install ." in err
+
+
+def test_evaluate_json_and_sweep(tiny_checkpoint: Path, tmp_path: Path, capsys):
+    torch.manual_seed(0)
+    clf = FashionClassifier(ClassifierConfig(width=8, feature_dim=8)).eval()
+    clf_path = tmp_path / "clf.pt"
+    save_classifier(clf, clf_path, 0.1, feature_stats(clf, torch.rand(50, 1, 8, 8) * 2 - 1), {})
+    rc, out, _ = _run(capsys, "evaluate", str(tiny_checkpoint), "--n", "20", "--steps", "2", "--batch-size", "8",
+                      "--classifier", str(clf_path), "--sweep", "0.3,1", "--json")
+    assert rc == 0
+    rec = _last_json(out)
+    assert set(rec["full"]) == {"accuracy", "fd", "mean_layers"}
+    assert set(rec["exit"]) == {"threshold", "accuracy", "fd", "mean_layers"}
+    assert rec["full"]["mean_layers"] == 5.0 and rec["exit"]["threshold"] == 0.5
+    assert [p["threshold"] for p in rec["sweep"]] == [0.3, 0.5, 1.0]
+    assert rec["sweep"][-1]["mean_layers"] == 1.0
+    assert all(0.0 <= p["accuracy"] <= 1.0 and p["fd"] >= 0 for p in rec["sweep"])
+    assert "not Inception FID" in out

@@ -1,0 +1,90 @@
+"""Quality measures: FD against closed forms, the shipped classifier on real data, per-layer error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adadiff_export import checkpoint as ckpt
+from adadiff_export.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
+from adadiff_export.data import DataError, load_fashion_mnist
+from adadiff_export.metrics import (GaussianStats, class_accuracy, fd_to_test_set, frechet_distance,
+                                    frechet_distance_from_stats, load_classifier, per_layer_error,
+                                    prediction_mse)
+
+
+def test_fd_closed_form_for_diagonal_gaussians():
+    # FD = |mu1 - mu2|^2 + sum (s1 - s2)^2 when both covariances are diagonal (variances s^2).
+    a = GaussianStats(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.diag(torch.tensor([1.0, 4.0, 9.0])).double())
+    b = GaussianStats(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), torch.diag(torch.tensor([4.0, 4.0, 1.0])).double())
+    expect = (1 + 0 + 4) + ((1 - 2) ** 2 + 0 + (3 - 1) ** 2)
+    assert frechet_distance_from_stats(a, b) == pytest.approx(expect, abs=1e-9)
+    assert frechet_distance_from_stats(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fd_of_samples_and_degenerate_features():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g)
+    b = torch.randn(20000, 4, generator=g) * 2 + 1
+    assert frechet_distance(a, b) == pytest.approx(4 * 1 + 4 * 1, rel=0.03)
+    dead = torch.zeros(100, 4)
+    dead[:, 0] = torch.randn(100, generator=g)  # three dead units: singular covariance
+    assert frechet_distance(dead, dead) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        frechet_distance(a[:1], b)
+
+
+def test_prediction_mse():
+    assert prediction_mse(torch.zeros(2, 3), torch.full((2, 3), 2.0)) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        prediction_mse(torch.zeros(2), torch.zeros(3))
+
+
+def test_per_layer_error_is_the_distance_to_the_last_layer(model):
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c.in_chans, c.img_size, c.img_size, generator=g)
+    t, y = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 2])
+    err = per_layer_error(model, x, t, y)
+    with torch.no_grad():
+        eps = model.forward_all_layers(x, t, y).eps_layers
+    assert err.shape == (model.depth,) and float(err[-1]) == 0.0
+    assert float(err[0]) == pytest.approx(float(((eps[0] - eps[-1]) ** 2).mean()), rel=1e-6)
+
+
+def test_classifier_file_round_trip_and_refusals(tmp_path: Path):
+    torch.manual_seed(0)
+    clf = FashionClassifier(ClassifierConfig(width=8, feature_dim=16)).eval()
+    images = torch.rand(40, 1, 28, 28) * 2 - 1
+    path = tmp_path / "clf.pt"
+    save_classifier(clf, path, 0.5, feature_stats(clf, images), {"command": "test"})
+    loaded = load_classifier(path)
+    assert loaded.test_accuracy == 0.5 and loaded.test_stats.n == 40
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), clf(images))
+    assert fd_to_test_set(loaded, images) == pytest.approx(0.0, abs=1e-6)
+    foreign = tmp_path / "foreign.pt"
+    ckpt.save({"config": {}}, foreign)
+    with pytest.raises(ckpt.CheckpointError, match="not an adadiff classifier"):
+        load_classifier(foreign)
+    raw = torch.load(path, weights_only=True)
+    raw["config"]["width"] = 4
+    torch.save(raw, tmp_path / "mismatch.pt")
+    with pytest.raises(ckpt.CheckpointError, match="does not match"):
+        load_classifier(tmp_path / "mismatch.pt")
+
+
+def test_shipped_classifier_on_real_test_images():
+    try:
+        test = load_fashion_mnist("test")
+    except DataError as e:
+        pytest.skip(str(e))
+    clf = load_classifier()
+    assert clf.test_accuracy >= 0.88
+    idx = torch.arange(0, 10000, 10)
+    assert class_accuracy(clf, test.images[idx], test.labels[idx]) >= 0.87
+    real = fd_to_test_set(clf, test.images[idx])
+    blurred = fd_to_test_set(clf, torch.nn.functional.avg_pool2d(test.images[idx], 3, 1, 1))
+    noise = fd_to_test_set(clf, torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert real < 1.0 < 10 * real < blurred < noise  # FD orders real < degraded < noise
