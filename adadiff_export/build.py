@@ -124,18 +124,14 @@ def _check_parity(loaded: Loaded, tmp: Path, manifest: Manifest, opts: BuildOpti
     batch = min(4, opts.max_batch)
     figures = parity.segment_parity(loaded.model, tmp, manifest.segments, batch=batch,
                                     uncertainty_map=opts.uncertainty_map)
-    worst = max(figures, key=lambda f: f.error)
-    log(f"parity onnxruntime vs PyTorch, {len(manifest.segments)} segments on random inputs (batch {batch}): "
-        f"worst normalized error {worst.error:.2e} ({worst.segment}.{worst.output}), tolerance "
-        f"{worst.tolerance:.0e}")
+    log(parity.summarize(f"parity onnxruntime vs PyTorch, {len(manifest.segments)} segments on random inputs "
+                         f"(batch {batch})", figures))
     for f in figures:
         if not f.passed:
             log("  " + f.describe())
     parity.require(figures)
     ov = parity.openvino_parity(tmp, manifest, batch=batch)
-    worst = max(ov, key=lambda f: f.error)
-    log(f"parity OpenVINO (CPU, f32) vs onnxruntime, every segment: worst normalized error {worst.error:.2e} "
-        f"({worst.segment}.{worst.output})")
+    log(parity.summarize("parity OpenVINO (CPU, f32) vs onnxruntime, every segment", ov))
     parity.require(ov)
     chain = parity.chain_parity(loaded.model, loaded.schedule, tmp, manifest,
                                 batch=min(opts.parity_batch, opts.max_batch))
@@ -149,9 +145,8 @@ def _check_plans(tmp: Path, manifest: Manifest, opts: BuildOptions, log: Callabl
     from . import parity
 
     figures = parity.tensorrt_parity(tmp, manifest, batch=opts.profile["opt"])
-    worst = max(figures, key=lambda f: f.error)
-    log(f"parity TensorRT {opts.precision} plans vs onnxruntime (batch {opts.profile['opt']}): worst normalized "
-        f"error {worst.error:.2e} ({worst.segment}.{worst.output}), tolerance {worst.tolerance:.0e}")
+    log(parity.summarize(f"parity TensorRT {opts.precision} plans vs onnxruntime (batch {opts.profile['opt']})",
+                         figures))
     parity.require(figures)
 
 

@@ -83,6 +83,13 @@ def require(figures: Sequence[ParityFigure]) -> None:
                           + (f" ({len(failed)} outputs failed)" if len(failed) > 1 else ""))
 
 
+def summarize(label: str, figures: Sequence[ParityFigure]) -> str:
+    """One line: the worst figure of a parity check."""
+    w = max(figures, key=lambda f: f.error if np.isfinite(f.error) else float("inf"))
+    return (f"{label}: worst normalized error {w.error:.2e} (relative {np.sqrt(w.error):.1e}, "
+            f"{w.segment}.{w.output}), tolerance {w.tolerance:.0e}")
+
+
 # ----- onnxruntime sessions --------------------------------------------------------------------
 
 @contextlib.contextmanager

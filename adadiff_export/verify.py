@@ -87,9 +87,7 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
         f"(tolerance {fig.tolerance:.0e})")
     par.require([fig])
     ov = par.openvino_parity(folder, manifest, batch=min(4, manifest.max_batch), seed=1)
-    worst = max(ov, key=lambda f: f.error)
-    say(f"parity: every segment through OpenVINO (CPU, f32) vs onnxruntime: worst normalized error "
-        f"{worst.error:.2e} ({worst.segment}.{worst.output})")
+    say(par.summarize("parity: every segment through OpenVINO (CPU, f32) vs onnxruntime", ov))
     par.require(ov)
     ckpt = source_checkpoint(manifest, checkpoint)
     if ckpt is None:
@@ -100,9 +98,7 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
     loaded = load_checkpoint(ckpt)
     figures = par.segment_parity(loaded.model, folder, manifest.segments, batch=min(4, manifest.max_batch),
                                  seed=1, uncertainty_map=any(len(s.outputs) == 3 for s in manifest.layers()))
-    worst = max(figures, key=lambda f: f.error)
-    say(f"parity: every segment vs PyTorch ({ckpt.name}): worst normalized error {worst.error:.2e} "
-        f"({worst.segment}.{worst.output})")
+    say(par.summarize(f"parity: every segment vs PyTorch ({ckpt.name})", figures))
     par.require(figures)
     chain = par.chain_parity(loaded.model, loaded.schedule, folder, manifest, batch=min(16, manifest.max_batch), seed=1)
     say(f"parity: chained early exit vs reference (threshold {chain.threshold:.4g}): exit mismatches "
