@@ -98,7 +98,10 @@ Runtime::Resolved Runtime::resolve(const DenoiseOptions& o) const {
   else if (o.granularity == "batch") p.granularity = Granularity::Batch;
   else invalid("granularity must be 'sample' or 'batch', got '" + o.granularity + "'");
   const double thr = o.threshold ? *o.threshold : m_.exit.threshold;
-  if (!(thr >= 0.0 && thr <= 1.0)) invalid("threshold must be in [0, 1], got " + std::to_string(thr));
+  // As the oracle: u is a probability, so uem thresholds live in [0, 1]; a relative change may exceed 1.
+  if (p.policy == Policy::Uem && !(thr >= 0.0 && thr <= 1.0))
+    invalid("threshold must be in [0, 1], got " + std::to_string(thr));
+  if (!(thr >= 0.0) || !std::isfinite(thr)) invalid("threshold must be a finite number >= 0, got " + std::to_string(thr));
   p.threshold = float(thr);
   if (o.patience < 1) invalid("patience must be >= 1, got " + std::to_string(o.patience));
   p.patience = o.patience;

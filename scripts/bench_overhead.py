@@ -1,0 +1,86 @@
+"""Overhead of adadiff_rt's segmented early-exit loop over the one-graph `full` model, on OpenVINO.
+
+Side by side in one process and one Runtime: `denoise(threshold=0)` (every layer runs, u is
+computed and tested after each) against `full` (the whole model in one OpenVINO graph), at batch 1
+and 64, median of interleaved repetitions. Goal: at most 5% slower.
+
+    python scripts/bench_overhead.py                      # shipped checkpoint -> engines/ (built if absent)
+    python scripts/bench_overhead.py --engines DIR        # an existing engines folder
+    python scripts/bench_overhead.py --checkpoint CKPT --engines DIR --threads 2 --repeats 200
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _engines(args: argparse.Namespace) -> Path:
+    if (args.engines / "manifest.json").is_file():
+        return args.engines
+    sys.path.insert(0, str(ROOT))
+    from adadiff_export.build import build_engines
+
+    print(f"building {args.engines} from {args.checkpoint or 'the shipped checkpoint'} ...", flush=True)
+    return build_engines(args.checkpoint, args.engines, max_batch=max(args.batches), tensorrt="off")
+
+
+def _time(fn, repeats: int) -> list:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", type=Path, default=ROOT / "engines")
+    p.add_argument("--checkpoint", type=Path, default=None, help="used only when --engines has to be built")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--repeats", type=int, default=100, help="timed calls per variant and round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are taken over all calls)")
+    p.add_argument("--threads", type=int, default=0, help="OpenVINO CPU threads (0: its default)")
+    a = p.parse_args(argv)
+
+    import adadiff_rt
+
+    folder = _engines(a)
+    rt = adadiff_rt.Runtime(str(folder), threads=a.threads)
+    m = rt.model
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in a.batches:
+        if b > rt.max_batch:
+            print(f"skip batch {b}: above the folder's max_batch {rt.max_batch}")
+            continue
+        x = rng.standard_normal((b, m["in_chans"], m["img_size"], m["img_size"])).astype(np.float32)
+        t = rng.uniform(0.01, 1.0, b).astype(np.float32)
+        y = rng.integers(0, m["num_classes"] + 1, b) if m["num_classes"] else None
+        full = lambda: rt.full(x, t, y)  # noqa: E731
+        seg = lambda: rt.denoise(x, t, y, threshold=0.0)  # noqa: E731
+        for fn in (full, seg):  # warm-up (first-call shape specialisation)
+            _time(fn, 10)
+        tf, ts = [], []
+        for _ in range(a.rounds):
+            tf += _time(full, a.repeats)
+            ts += _time(seg, a.repeats)
+        mf, ms = statistics.median(tf), statistics.median(ts)
+        rows.append((b, mf * 1e3, ms * 1e3, (ms / mf - 1) * 100))
+    print(f"\nadadiff_rt overhead, OpenVINO CPU fp32, {folder} (depth {rt.depth}), median of "
+          f"{a.rounds * a.repeats} calls each")
+    print(f"{'batch':>5} | {'full ms':>9} | {'denoise(thr=0) ms':>17} | {'overhead':>8} | goal <= 5%")
+    for b, f, s, o in rows:
+        print(f"{b:>5} | {f:>9.3f} | {s:>17.3f} | {o:>7.1f}% | {'ok' if o <= 5 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# GPU check of adadiff_rt's CUDA path, for a bare GPU machine (torch with CUDA, nvcc, cmake,
+# pybind11; no OpenVINO, no TensorRT, no network). From the repository root:
+#
+#     bash scripts/gpu_check.sh            # writes gpu_check.log (and into $OUT when set)
+#
+# 1. builds the module with CUDA (OpenVINO off) into build/gpu,
+# 2. runs the DLPack/CUDA tests: torch segment modules on the GPU as the engines, the runtime's
+#    device buffers, exit/compaction/sampler kernels and stream, against the PyTorch oracle,
+# 3. prints a short table: card, parity, and denoise timings on the GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR="${OUT:-.}"
+LOG="$LOG_DIR/gpu_check.log"
+exec > >(tee "$LOG") 2>&1
+
+PY="${PYTHON:-python}"
+NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: none"
+"$NVCC" --version | tail -1
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+
+echo "== build (CUDA on, OpenVINO off)"
+GEN=()
+command -v ninja >/dev/null && GEN=(-G Ninja)
+ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(0); print(f'{M}{m}')" 2>/dev/null || echo 90)"
+cmake -S . -B build/gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DADADIFF_CUDA=ON -DADADIFF_OPENVINO=OFF \
+  -DADADIFF_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_CUDA_COMPILER="$NVCC" \
+  -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/build/gpu/lib"
+cmake --build build/gpu --parallel "$(nproc)"
+export PYTHONPATH="$PWD/build/gpu/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export ADADIFF_RT_REQUIRED=1
+"$PY" -c "import adadiff_rt as r; print('adadiff_rt cuda', r.has_cuda, 'openvino', r.has_openvino, 'tensorrt', r.has_tensorrt)"
+
+echo "== tests (CUDA path vs the PyTorch oracle)"
+set +e
+"$PY" -m pytest -q -rs tests/test_runtime_dlpack.py
+TESTS=$?
+set -e
+
+echo "== table"
+"$PY" - <<'PYEOF'
+import time
+import numpy as np
+import torch
+import adadiff_rt
+from pathlib import Path
+import sys, tempfile
+sys.path.insert(0, "tests")
+from conftest import tiny_model
+from runtime_engines import inputs, manifest_only, torch_segments, rel_err
+from adadiff_export.config import preset
+from adadiff_export.early_exit import ExitPolicy, early_exit
+from adadiff_export.model import UViT
+
+def timed(fn, n=20):
+    fn(); torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+name = torch.cuda.get_device_name(0)
+rows = []
+for cfg in ("tiny", "small"):
+    torch.manual_seed(0)
+    model = (tiny_model(uem_gain=20.0) if cfg == "tiny" else UViT(preset("small")).eval()).cuda()
+    folder = manifest_only(model, Path(tempfile.mkdtemp()) / cfg, 64)
+    rt = adadiff_rt.Runtime(str(folder), device="cuda", segments=torch_segments(model, "cuda"))
+    for b in (1, 64):
+        x, t, y = inputs(model, b, seed=b)
+        for thr in (0.0, 0.5):
+            eps, layer, _ = rt.denoise(x, t, y, threshold=thr)
+            ref = early_exit(model, *(torch.from_numpy(a).cuda() for a in (x, t, y)), ExitPolicy(threshold=thr))
+            same = bool((layer == ref.exit_layer.cpu().numpy()).all())
+            err = rel_err(eps, ref.eps.cpu().numpy())
+            ms_rt = timed(lambda: rt.denoise(x, t, y, threshold=thr))
+            xt, tt, yt = (torch.from_numpy(a).cuda() for a in (x, t, y))
+            ms_py = timed(lambda: early_exit(model, xt, tt, yt, ExitPolicy(threshold=thr)))
+            rows.append((cfg, b, thr, float(layer.mean()), same, err, ms_rt, ms_py))
+print(f"GPU: {name}")
+print(f"{'config':>6} | {'batch':>5} | {'thr':>4} | {'mean layer':>10} | {'exits equal':>11} | {'rel err':>8} | {'rt ms':>7} | {'torch ms':>8}")
+for r in rows:
+    print(f"{r[0]:>6} | {r[1]:>5} | {r[2]:>4} | {r[3]:>10.2f} | {str(r[4]):>11} | {r[5]:>8.1e} | {r[6]:>7.2f} | {r[7]:>8.2f}")
+PYEOF
+echo "== tests exit status: $TESTS"
+exit $TESTS

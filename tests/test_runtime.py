@@ -1,0 +1,335 @@
+"""adadiff_rt with OpenVINO on CPU against the PyTorch oracle (adadiff_export.early_exit / samplers).
+
+fp32 parity: the same exit layer for every sample, eps within 1e-4 relative, u equal where computed.
+The engines folder is a real build (build_engines) of a random tiny model, cached in pytest's cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.samplers import guided, sample as py_sample
+from adadiff_export.schedule import VPSchedule
+from conftest import tiny_model
+from runtime_engines import inputs, maybe, onnx_engines, rel_err, split_threshold
+
+if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
+    import adadiff_rt
+else:
+    adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
+
+if not adadiff_rt.has_openvino:
+    pytest.skip("adadiff_rt was built without OpenVINO", allow_module_level=True)
+
+MAX_BATCH = 16
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(uem_gain=20.0)
+
+
+@pytest.fixture(scope="module")
+def engines(request, model) -> Path:
+    return onnx_engines(request.config.cache.mkdir("adadiff_rt_engines"), model, MAX_BATCH)
+
+
+@pytest.fixture(scope="module")
+def rt(engines):
+    return adadiff_rt.Runtime(str(engines), threads=1)
+
+
+def oracle(model, x, t, y, **kw):
+    policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
+                        patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
+                        granularity=kw.get("granularity", "sample"))
+    r = early_exit(model, torch.from_numpy(x), torch.from_numpy(t), maybe(y), policy)
+    return r.eps.numpy(), r.exit_layer.numpy(), r.u.numpy()
+
+
+def assert_parity(rt, model, x, t, y, **kw):
+    eps, layer, u = rt.denoise(x, t, y, **kw)
+    ref_eps, ref_layer, ref_u = oracle(model, x, t, y, **kw)
+    np.testing.assert_array_equal(layer, ref_layer)
+    assert eps.dtype == np.float32 and layer.dtype == np.int64 and u.dtype == np.float32
+    assert rel_err(eps, ref_eps) <= TOL
+    np.testing.assert_array_equal(np.isnan(u), np.isnan(ref_u))
+    np.testing.assert_allclose(u[~np.isnan(u)], ref_u[~np.isnan(ref_u)], rtol=TOL, atol=1e-6)
+    return layer
+
+
+def mixed_threshold(model, x, t, y, granularity="sample", patience=1):
+    _, _, u_all = oracle(model, x, t, y, threshold=0.0)
+    return split_threshold(u_all, lambda thr: oracle(model, x, t, y, threshold=thr, granularity=granularity,
+                                                     patience=patience)[1])
+
+
+@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_uem_matches_oracle(rt, model, batch, granularity):
+    x, t, y = inputs(model, batch, seed=batch)
+    thr = mixed_threshold(model, x, t, y, granularity)
+    assert_parity(rt, model, x, t, y, policy="uem", threshold=thr, granularity=granularity)
+
+
+@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
+@pytest.mark.parametrize("static_layer", [0, 2, 3])
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_static_matches_oracle(rt, model, batch, static_layer, granularity):
+    x, t, y = inputs(model, batch, seed=10 + batch)
+    layer = assert_parity(rt, model, x, t, y, policy="static", static_layer=static_layer, granularity=granularity)
+    assert (layer == (static_layer or model.depth)).all()
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_samples_exit_at_different_layers(rt, model, patience):
+    """A batch whose samples leave at different layers (compaction of hidden, skip and temb rows)."""
+    x, t, y = inputs(model, MAX_BATCH, seed=3)
+    thr = mixed_threshold(model, x, t, y, "sample", patience)
+    layer = assert_parity(rt, model, x, t, y, threshold=thr, patience=patience)
+    assert len(np.unique(layer)) >= 3, f"threshold {thr} did not split the batch: {layer}"
+
+
+def test_saturation_matches_oracle(rt, model):
+    x, t, y = inputs(model, 7, seed=4)
+    layer = assert_parity(rt, model, x, t, y, policy="saturation", threshold=1e9)
+    assert (layer == 1).all()
+    assert_parity(rt, model, x, t, y, policy="saturation", threshold=0.0)
+
+
+def test_threshold_zero_is_full_depth_and_matches_full_graph(rt, model):
+    x, t, y = inputs(model, 5, seed=5)
+    eps, layer, _ = rt.denoise(x, t, y, threshold=0.0)
+    assert (layer == model.depth).all()
+    full = rt.full(x, t, y)
+    ref = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).detach().numpy()
+    assert rel_err(full, ref) <= TOL and rel_err(eps, ref) <= TOL
+
+
+def test_default_threshold_comes_from_manifest(rt, model, engines):
+    x, t, y = inputs(model, 7, seed=6)
+    default = json.loads((engines / "manifest.json").read_text())["exit"]["threshold"]
+    assert rt.default_threshold == default
+    a = rt.denoise(x, t, y)
+    b = rt.denoise(x, t, y, threshold=default)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("sampler,steps,guidance", [("dpm++", 6, 2.0), ("ddim", 5, 1.0), ("dpm++", 4, 1.0)])
+def test_sample_matches_python_samplers(rt, model, sampler, steps, guidance):
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(3, 1, 8, 8, generator=g)
+    y = torch.tensor([1, 4, 9])
+    x, t, yy = inputs(model, 3)
+    thr = 0.5
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=steps, guidance=guidance,
+                             threshold=thr)
+    den = EarlyExitDenoiser(model, ExitPolicy(threshold=thr))
+    fn = guided(den, guidance, model.config.num_classes)
+    ref = py_sample(sampler, fn, noise.clone(), VPSchedule(), steps, y=y)
+    hist = den.layers_by_step().numpy()
+    assert used.shape == (steps, 6 if guidance != 1 else 3)
+    np.testing.assert_array_equal(used, hist)
+    assert rel_err(images, ref.numpy()) <= TOL
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_stochastic_samplers_are_reproducible_per_seed(rt, model):
+    noise = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    y = np.array([0, 3])
+    a, _ = rt.sample(noise, y, sampler="euler", steps=5, guidance=1.0, seed=11)
+    b, _ = rt.sample(noise, y, sampler="euler", steps=5, guidance=1.0, seed=11)
+    c, _ = rt.sample(noise, y, sampler="euler", steps=5, guidance=1.0, seed=12)
+    d, _ = rt.sample(noise, y, sampler="ddim", steps=5, guidance=1.0, eta=1.0, seed=11)
+    e, _ = rt.sample(noise, y, sampler="ddim", steps=5, guidance=1.0, eta=0.0, seed=11)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(d, e)
+
+
+def test_four_threads_each_with_a_runtime_match_one(engines, model):
+    x, t, y = inputs(model, MAX_BATCH, seed=8)
+    thr = mixed_threshold(model, x, t, y)
+    single = adadiff_rt.Runtime(str(engines), threads=1)
+    want = [single.denoise(x, t, y, threshold=thr) for _ in range(3)]
+    runtimes = [adadiff_rt.Runtime(str(engines), threads=1) for _ in range(4)]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            got[i] = [runtimes[i].denoise(x, t, y, threshold=thr) for _ in range(3)]
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for i in range(4):
+        for (e1, l1, u1), (e2, l2, u2) in zip(got[i], want):
+            np.testing.assert_array_equal(l1, l2)
+            np.testing.assert_array_equal(e1, e2)
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def test_ten_thousand_calls_keep_memory_flat(rt, model):
+    x, t, y = inputs(model, 1, seed=9)
+    for _ in range(500):
+        rt.denoise(x, t, y, threshold=0.5)
+    before = _rss_kib()
+    for _ in range(10_000):
+        rt.denoise(x, t, y, threshold=0.5)
+    grown = _rss_kib() - before
+    assert grown < 4096, f"resident memory grew by {grown} KiB over 10,000 calls"
+
+
+def test_bf16_on_request_runs_close(engines, model):
+    rt = adadiff_rt.Runtime(str(engines), precision="bf16", cache_dir="")
+    x, t, y = inputs(model, 4, seed=12)
+    eps, _, _ = rt.denoise(x, t, y, threshold=0.0)
+    ref, _, _ = oracle(model, x, t, y, threshold=0.0)
+    assert rel_err(eps, ref) < 0.1
+
+
+def test_compiled_model_cache(engines, tmp_path, model):
+    cache = tmp_path / "ovcache"
+    adadiff_rt.Runtime(str(engines), cache_dir=str(cache))
+    assert cache.is_dir() and any(cache.iterdir())
+    again = adadiff_rt.Runtime(str(engines), cache_dir=str(cache))
+    x, t, y = inputs(model, 2)
+    assert_parity(again, model, x, t, y, threshold=0.0)
+
+
+# ---- errors: each a Python exception naming what is wrong; none crashes ------------------------
+
+@pytest.fixture
+def folder_copy(engines, tmp_path) -> Path:
+    dst = tmp_path / "engines"
+    shutil.copytree(engines, dst, ignore=shutil.ignore_patterns("openvino_cache"))
+    return dst
+
+
+def _edit_manifest(folder: Path, fn) -> None:
+    path = folder / "manifest.json"
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_missing_file_is_named(folder_copy):
+    (folder_copy / "layer_3.onnx").unlink()
+    with pytest.raises(RuntimeError, match=r"layer_3.*missing"):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+def test_tampered_file_is_named(folder_copy):
+    p = folder_copy / "head.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"segment head.*sha256"):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+def test_manifest_of_another_version(folder_copy):
+    _edit_manifest(folder_copy, lambda d: d.update(version=2))
+    with pytest.raises(RuntimeError, match=r"version 2.*reads version 1"):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+@pytest.mark.parametrize("name", ["../head.onnx", "/etc/passwd", "sub/head.onnx", ".."])
+def test_file_outside_the_folder_is_refused(folder_copy, name):
+    _edit_manifest(folder_copy, lambda d: d["segments"][-2].update(file=name))
+    with pytest.raises(RuntimeError, match="not a plain file name"):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"format": "adadiff-engines", "version": 1,}', "[1, 2]", '{"a": 1, "a": 2}'])
+def test_malformed_manifest(folder_copy, text):
+    (folder_copy / "manifest.json").write_text(text)
+    with pytest.raises(RuntimeError, match="manifest.json"):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+def test_wrong_wiring_is_refused(folder_copy):
+    _edit_manifest(folder_copy, lambda d: d["segments"][4].update(skip_from=1))  # layer_4 takes layer_2
+    with pytest.raises(RuntimeError, match=r"layer_4.*skip_from"):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+def test_missing_folder():
+    with pytest.raises(RuntimeError, match="manifest.json"):
+        adadiff_rt.Runtime("/nonexistent/engines")
+
+
+def test_bad_call_arguments(rt, model):
+    x, t, y = inputs(model, 2)
+    cases = [
+        (dict(x=np.zeros((MAX_BATCH + 1, 1, 8, 8), np.float32), t=np.zeros(MAX_BATCH + 1, np.float32),
+              y=np.zeros(MAX_BATCH + 1, np.int64)), ValueError, "batch 17 is outside 1..16"),
+        (dict(x=x[:, :, :4], t=t, y=y), ValueError, r"x must have shape \(B, 1, 8, 8\)"),
+        (dict(x=x.astype(np.float64), t=t, y=y), TypeError, "x must have dtype float32"),
+        (dict(x=x, t=t.astype(np.float64), y=y), TypeError, "t must have dtype float32"),
+        (dict(x=x, t=t, y=y.astype(np.int32)), TypeError, "y must have dtype int64"),
+        (dict(x=x, t=t[:1], y=y), ValueError, r"t must have shape \(2,\)"),
+        (dict(x=np.where(np.arange(2)[:, None, None, None] == 1, np.nan, x).astype(np.float32), t=t, y=y),
+         ValueError, "x holds NaN or Inf"),
+        (dict(x=x, t=np.array([0.5, np.inf], np.float32), y=y), ValueError, "t holds NaN or Inf"),
+        (dict(x=x, t=t, y=np.array([0, 11])), ValueError, r"y\[1\] = 11 is outside 0..10"),
+        (dict(x=x, t=t, y=None), ValueError, "y .* is required"),
+        (dict(x=x.tolist(), t=t, y=y), TypeError, "x must be a numpy array"),
+    ]
+    for kwargs, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            rt.denoise(**kwargs)
+    for kw, msg in [(dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
+                    (dict(threshold=-0.1), r"threshold must be in \[0, 1\]"),
+                    (dict(threshold=float("nan")), r"threshold must be in \[0, 1\]"),
+                    (dict(policy="cosine"), "policy must be one of"),
+                    (dict(granularity="token"), "granularity must be"),
+                    (dict(patience=0), "patience must be >= 1"),
+                    (dict(policy="static", static_layer=99), "static_layer must be in 0..5")]:
+        with pytest.raises(ValueError, match=msg):
+            rt.denoise(x, t, y, **kw)
+    noise = x
+    for kw, msg in [(dict(sampler="heun"), "sampler must be one of"),
+                    (dict(steps=0), "steps must be >= 1"),
+                    (dict(guidance=-1.0), "guidance must be"),
+                    (dict(eta=-1.0), "eta must be")]:
+        with pytest.raises(ValueError, match=msg):
+            rt.sample(noise, y, **kw)
+    with pytest.raises(ValueError, match="batch 17 is outside 1..16"):
+        rt.sample(np.zeros((17, 1, 8, 8), np.float32), np.zeros(17, np.int64), guidance=2.0, steps=1)
+    # the runtime still works after every refusal
+    assert_parity(rt, model, x, t, y, threshold=0.0)
+
+
+def test_device_and_engine_choices(engines):
+    with pytest.raises(ValueError, match="device must be"):
+        adadiff_rt.Runtime(str(engines), device="tpu")
+    with pytest.raises(ValueError, match="engine must be"):
+        adadiff_rt.Runtime(str(engines), engine="onnxruntime")
+    with pytest.raises(ValueError, match="precision must be"):
+        adadiff_rt.Runtime(str(engines), precision="int8")
+    with pytest.raises(ValueError, match="threads must be"):
+        adadiff_rt.Runtime(str(engines), threads=-1)
+    if not (adadiff_rt.has_cuda and torch.cuda.is_available()):
+        with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
+            adadiff_rt.Runtime(str(engines), device="cuda")

@@ -1,0 +1,149 @@
+"""adadiff_rt's DLPack engine (Python callables over the runtime's buffers) against the oracle.
+
+On CPU it runs everywhere (torch CPU segment modules as the callables). On CUDA the same tests run
+the CUDA path (device buffers, exit-decision/compaction/sampler kernels, the runtime's stream)
+with torch modules on the GPU; they skip with a reason where there is no GPU (scripts/gpu_check.sh
+runs them on a GPU machine). TensorRT: skipped with a reason unless the module was built with it
+and a GPU is present; no fake stands in for it.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.samplers import guided, sample as py_sample
+from adadiff_export.schedule import VPSchedule
+from conftest import tiny_model
+from runtime_engines import inputs, manifest_only, rel_err, split_threshold, torch_segments
+
+if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
+    import adadiff_rt
+else:
+    adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
+
+MAX_BATCH = 16
+TOL = 1e-4
+CUDA_OK = adadiff_rt.has_cuda and torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA_OK, reason="needs a CUDA GPU and an adadiff_rt built with CUDA (scripts/gpu_check.sh)"))]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return manifest_only(tiny_model(uem_gain=20.0), tmp_path_factory.mktemp("dl") / "engines", MAX_BATCH)
+
+
+def setup(folder, device):
+    model = tiny_model(uem_gain=20.0).to(device)
+    rt = adadiff_rt.Runtime(str(folder), device=device, segments=torch_segments(model, device))
+    return model, rt
+
+
+def oracle(model, x, t, y, device, **kw):
+    policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
+                        patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
+                        granularity=kw.get("granularity", "sample"))
+    r = early_exit(model, torch.from_numpy(x).to(device), torch.from_numpy(t).to(device),
+                   torch.from_numpy(y).to(device), policy)
+    return r.eps.cpu().numpy(), r.exit_layer.cpu().numpy(), r.u.cpu().numpy()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_dlpack_engine_matches_oracle(folder, device, batch, granularity):
+    model, rt = setup(folder, device)
+    assert rt.engine == "dlpack" and rt.device == device
+    x, t, y = inputs(model, batch, seed=batch)
+    _, _, u_all = oracle(model, x, t, y, device, threshold=0.0)
+    thr = split_threshold(u_all, lambda th: oracle(model, x, t, y, device, threshold=th, granularity=granularity)[1])
+    for kw in (dict(threshold=thr), dict(policy="static", static_layer=2), dict(threshold=thr, patience=2)):
+        eps, layer, u = rt.denoise(x, t, y, granularity=granularity, **kw)
+        ref_eps, ref_layer, ref_u = oracle(model, x, t, y, device, granularity=granularity, **kw)
+        np.testing.assert_array_equal(layer, ref_layer)
+        assert rel_err(eps, ref_eps) <= TOL
+        np.testing.assert_array_equal(np.isnan(u), np.isnan(ref_u))
+    if batch == MAX_BATCH and granularity == "sample":
+        eps, layer, _ = rt.denoise(x, t, y, threshold=thr)
+        assert len(np.unique(layer)) >= 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampler,guidance", [("dpm++", 2.0), ("ddim", 1.0)])
+def test_dlpack_sample_matches_python_sampler(folder, device, sampler, guidance):
+    model, rt = setup(folder, device)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(4, 1, 8, 8, generator=g)
+    y = torch.tensor([0, 2, 7, 10])
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=5, guidance=guidance, threshold=0.5)
+    den = EarlyExitDenoiser(model, ExitPolicy(threshold=0.5))
+    ref = py_sample(sampler, guided(den, guidance, model.config.num_classes), noise.to(device), VPSchedule(), 5,
+                    y=y.to(device))
+    np.testing.assert_array_equal(used, den.layers_by_step().cpu().numpy())
+    assert rel_err(images, ref.cpu().numpy()) <= TOL
+
+
+def test_callable_errors_name_the_segment(folder):
+    model = tiny_model(uem_gain=20.0)
+    segs = torch_segments(model)
+    x, t, y = inputs(model, 3)
+
+    def boom(*_):
+        raise ValueError("kaput")
+
+    for name, fn, msg in [("layer_2", boom, "segment layer_2: the callable raised .*kaput"),
+                          ("head", lambda h: torch.zeros(1, 1, 8, 8), r"segment head output eps: shape \[1, 1, 8, 8\]"),
+                          ("stem", lambda *a: torch.zeros(3), "segment stem: the callable returned 1 outputs"),
+                          ("layer_1", lambda h, temb: (torch.zeros(3, 18, 32, dtype=torch.float64), torch.zeros(3)),
+                           "segment layer_1 output h_out: dtype mismatch"),
+                          ("layer_4", lambda *a: ([1.0], torch.zeros(3)), "without __dlpack__")]:
+        rt = adadiff_rt.Runtime(str(folder), segments={**segs, name: fn})
+        with pytest.raises(RuntimeError, match=msg):
+            rt.denoise(x, t, y, threshold=0.0)
+    with pytest.raises(ValueError, match="no callable for segment 'head'"):
+        adadiff_rt.Runtime(str(folder), segments={k: v for k, v in segs.items() if k != "head"})
+    with pytest.raises(ValueError, match="no segment named 'layer_9'"):
+        adadiff_rt.Runtime(str(folder), segments={**segs, "layer_9": boom})
+
+
+def test_buffer_views_are_zero_copy_dlpack(folder):
+    model = tiny_model(uem_gain=20.0)
+    segs = torch_segments(model)
+    seen = {}
+
+    def stem(*views):
+        seen["shapes"] = [v.shape for v in views]
+        seen["dtypes"] = [v.dtype for v in views]
+        seen["device"] = views[0].__dlpack_device__()
+        return segs["stem"](*views)
+
+    rt = adadiff_rt.Runtime(str(folder), segments={**segs, "stem": stem})
+    x, t, y = inputs(model, 3)
+    rt.denoise(x, t, y)
+    assert seen["shapes"] == [(3, 1, 8, 8), (3,), (3,)]
+    assert seen["dtypes"] == ["float32", "float32", "int64"]
+    assert seen["device"] == (1, 0)
+
+
+@pytest.mark.skipif(not adadiff_rt.has_tensorrt, reason="adadiff_rt was built without TensorRT (not installable here)")
+@pytest.mark.skipif(not CUDA_OK, reason="TensorRT needs a CUDA GPU")
+def test_tensorrt_engine_matches_oracle(tmp_path):
+    """Only where TensorRT and a GPU exist: real plans from build_engines(tensorrt="on")."""
+    from adadiff_export.build import build_engines
+    from runtime_engines import save_checkpoint
+
+    model = tiny_model(uem_gain=20.0)
+    folder = build_engines(save_checkpoint(model, tmp_path / "m.pt"), tmp_path / "engines", max_batch=MAX_BATCH,
+                           tensorrt="on", log=lambda _m: None)
+    rt = adadiff_rt.Runtime(str(folder), device="cuda", engine="tensorrt")
+    x, t, y = inputs(model, 7)
+    model = model.to("cuda")
+    for kw in (dict(threshold=0.0), dict(policy="static", static_layer=3)):
+        eps, layer, _ = rt.denoise(x, t, y, **kw)
+        ref_eps, ref_layer, _ = oracle(model, x, t, y, "cuda", **kw)
+        np.testing.assert_array_equal(layer, ref_layer)
+        assert rel_err(eps, ref_eps) <= 1e-2  # TensorRT may use TF32 / fp16 kernels
