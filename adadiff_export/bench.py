@@ -64,6 +64,7 @@ class BenchConfig:
     cifar_batches: Tuple[int, ...] = (1, 4)
     threads: int = 0
     seed: int = 0
+    engines_candidates: Tuple[Path, ...] = (Path("engines"),)  # reused when built from the same checkpoint
 
     @staticmethod
     def quick(**kw) -> "BenchConfig":
@@ -638,14 +639,18 @@ def _row_quality(r: Row, q: Dict[str, Quality], thr: float) -> Optional[Quality]
 
 
 def _cells(cfg: BenchConfig) -> List[Tuple[str, int]]:
-    return [("denoise", b) for b in cfg.denoise_batches] + [("sample", b) for b in cfg.sample_batches]
+    """Whole sampling runs first, smallest and largest batch first (the headline cells), then single calls."""
+    sb = sorted(cfg.sample_batches)
+    order = [sb[0], sb[-1]] + sb[1:-1] if len(sb) > 1 else sb
+    return [("sample", b) for b in order] + [("denoise", b) for b in cfg.denoise_batches]
 
 
 def _cell_contenders(cts: Sequence[Contender], workload: str, batch: int, cfg: BenchConfig) -> List[Contender]:
     return [c for c in cts if not (c.in_sweep and workload == "sample" and batch not in cfg.sweep_batches)]
 
 
-def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool = True) -> BenchResult:
+def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool = True,
+              on_rows: Callable[[List[Row]], None] = lambda rows: None) -> BenchResult:
     """The whole bench on the shipped (or given) checkpoint: quality runs, timing cells, figures."""
     from tqdm import tqdm
 
@@ -656,8 +661,11 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     w = cfg.guidance if cfg.guidance is not None else default_guidance(loaded)
     sweep = sorted({round(thr * k, 6) for k in cfg.sweep} | {thr})
     guided_rows = 2 if loaded.model.config.num_classes > 0 and w != 1.0 else 1
-    max_batch = max(max(cfg.denoise_batches), guided_rows * max(cfg.sample_batches), guided_rows * min(64, cfg.n_quality))
-    engines = ensure_engines(checkpoint, cfg.out / "engines_small", max_batch)
+    # adadiff_rt runs up to twice the engines' max batch (both guidance halves), so sampling batch B needs max_batch >= B
+    need = max(max(cfg.denoise_batches), max(cfg.sample_batches), min(64, cfg.n_quality))
+    engines = next((e for e in cfg.engines_candidates if engines_match(e, checkpoint, need)), None)
+    engines = engines or ensure_engines(checkpoint, cfg.out / "engines_small", need)
+    max_batch = int(json.loads((engines / "manifest.json").read_text())["max_batch"])
     runtime = open_runtime(engines, cfg.threads)
     clf = load_classifier()
     rt_sat = rt_has_saturation(runtime, loaded.model.config)
@@ -665,6 +673,7 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     bar = tqdm(total=n_quality_runs, desc="quality", disable=not progress, dynamic_ncols=True)
     quality, sat_thr = _quality_runs(loaded, runtime, clf, cfg, thr, w, sweep, rt_sat, bar)
     bar.close()
+    figs = _figures(loaded, quality, thr, w, sat_thr, cfg, "adadiff_rt" if rt_sat else "PyTorch oracle")
     matched = quality[f"uem/sample/{thr:g}"].mean_layers
     static_layer = max(1, min(loaded.model.depth, int(round(matched))))
     cts = _contenders(loaded, engines, runtime, cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep, rt_sat)
@@ -684,16 +693,17 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
             inputs = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, b, cfg.seed)
         cell = time_cell(_cell_contenders(cts, workload, b, cfg), "small", workload, b, inputs, cfg.steps, cfg,
                          lambda: bar.update(1))
-        eff_b = b if workload == "denoise" else guided_rows * b
+        # segments are profiled up to the engines' max batch (cost ratios barely move between 64 and 128 rows)
+        eff_b = min(max_batch, b if workload == "denoise" else guided_rows * b)
         if eff_b not in costs:
             costs[eff_b] = profile_segments(engines, eff_b, threads=cfg.threads)
         rows += finish_cell(cell, costs[eff_b])
+        on_rows(rows)
     bar.close()
     for r in rows:
         qq = _row_quality(r, quality, thr)
         if qq is not None:
             r.fd, r.accuracy = qq.fd, qq.accuracy
-    figs = _figures(loaded, quality, thr, w, sat_thr, cfg, "adadiff_rt" if rt_sat else "PyTorch oracle")
     return BenchResult(rows, machine(), quality, figs, thr, w, matched)
 
 
@@ -880,18 +890,23 @@ def run(cfg: BenchConfig, command: str, json_path: Optional[Path] = None, progre
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else SHIPPED_CHECKPOINT
     loaded = load(checkpoint)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    res = run_small(loaded, checkpoint, cfg, progress)
+    info = machine()
+
+    def write(rows: List[Row], done: bool) -> None:
+        md = markdown(rows, info, command) if done else "(partial: the run is still going)\n\n" + markdown(rows, info, command)
+        md += "\nGoals (issue 5; whole sampling run, adadiff_rt at the default threshold, granularity sample):\n\n"
+        md += "\n".join(f"- {line}" for line in goals(rows)) + "\n"
+        (cfg.out / "bench.md").write_text(md + "\n")
+        payload = json.dumps(to_json(rows, info), indent=1)
+        (cfg.out / "bench.json").write_text(payload + "\n")
+        if json_path is not None:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(payload + "\n")
+
+    res = run_small(loaded, checkpoint, cfg, progress, on_rows=lambda rows: write(rows, False))
     if cfg.cifar:
         res.rows += run_cifar_shape(cfg, max(1, int(round(res.matched_layers))), progress)
-    md = markdown(res.rows, res.machine, command)
-    md += "\nGoals (issue 5; whole sampling run, adadiff_rt at the default threshold, granularity sample):\n\n"
-    md += "\n".join(f"- {line}" for line in goals(res.rows)) + "\n"
-    (cfg.out / "bench.md").write_text(md + "\n")
-    payload = json.dumps(to_json(res.rows, res.machine), indent=1)
-    (cfg.out / "bench.json").write_text(payload + "\n")
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(payload + "\n")
+    write(res.rows, True)
     return res
 
 
