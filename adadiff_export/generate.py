@@ -8,7 +8,6 @@ Inception FID) and mean layers at full depth and at one or more thresholds.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,13 +107,6 @@ def generate(loaded: Loaded, n: int, policy: ExitPolicy = FULL_DEPTH, sampler: s
     return GenerationResult(torch.cat(images), labels, torch.cat(layers, dim=1), seconds)
 
 
-def _rt_max_batch(engines: Path) -> int:
-    path = Path(engines) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: build engines first with `python -m adadiff_export build`")
-    return int(json.loads(path.read_text())["max_batch"])
-
-
 def _import_rt():
     try:
         import adadiff_rt  # noqa: WPS433 (optional, compiled extension)
@@ -132,24 +124,22 @@ def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: 
     from tqdm import tqdm
 
     rt_mod = _import_rt()
-    if policy.kind == "static" and policy.layer:
-        raise ValueError("--backend rt takes uem and saturation policies or full depth; use the torch backend for static exits")
+    if not (Path(engines) / "manifest.json").exists():
+        raise FileNotFoundError(f"{Path(engines) / 'manifest.json'} not found: build engines first with "
+                                "`python -m adadiff_export build`")
     steps = steps or DEFAULT_STEPS.get(sampler, 50)
     runtime = rt_mod.Runtime(str(engines), device="cpu")
-    max_batch = _rt_max_batch(engines)
     rows_per_sample = 2 if (num_classes > 0 and guidance != 1.0) else 1
     noise, labels = noise_and_labels(loaded_shape, num_classes, n, seed)
-    full = policy.kind == "static"
-    kind, threshold = ("uem", 0.0) if full else (policy.kind, policy.threshold)
-    extra = {"patience": policy.patience} if policy.patience != 1 else {}
     images, layers = [], []
     start = time.perf_counter()
-    for k, sl in enumerate(tqdm(list(_chunks(n, max(1, max_batch // rows_per_sample))), desc="sample (rt)",
+    # Under guidance each sample is two rows of the engines' batch.
+    for k, sl in enumerate(tqdm(list(_chunks(n, max(1, runtime.max_batch // rows_per_sample))), desc="sample (rt)",
                                 disable=not progress, leave=False)):
         y = None if labels is None else labels[sl].numpy()
         img, used = runtime.sample(noise[sl].numpy(), y, sampler=sampler, steps=steps, guidance=guidance,
-                                   policy=kind, threshold=threshold, granularity=policy.granularity,
-                                   seed=seed + k, **extra)
+                                   policy=policy.kind, threshold=policy.threshold, patience=policy.patience,
+                                   granularity=policy.granularity, static_layer=policy.layer, seed=seed + k)
         images.append(torch.from_numpy(img))
         layers.append(torch.as_tensor(used, dtype=torch.int64))
     seconds = time.perf_counter() - start

@@ -12,6 +12,8 @@ from PIL import Image
 from adadiff_export.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
 from adadiff_export.cli import build_parser, main
 
+from conftest import tiny_model
+
 SAMPLE_KEYS = {"mean_layers", "layers_by_step", "seconds", "image_mean", "image_std", "threshold", "sampler",
                "steps", "n", "backend"}
 
@@ -100,3 +102,21 @@ def test_evaluate_json_and_sweep(tiny_checkpoint: Path, tmp_path: Path, capsys):
     assert rec["sweep"][-1]["mean_layers"] == 1.0
     assert all(0.0 <= p["accuracy"] <= 1.0 and p["fd"] >= 0 for p in rec["sweep"])
     assert "not Inception FID" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("adadiff_rt") is None, reason="adadiff_rt is not built (pip install .)")
+def test_sample_rt_backend_matches_torch(tiny_checkpoint: Path, tmp_path: Path, capsys, request):
+    from runtime_engines import onnx_engines
+
+    # The same model as tiny_checkpoint, built once and cached with the runtime tests' engines.
+    engines = onnx_engines(request.config.cache.mkdir("adadiff_rt_engines"), tiny_model(uem_gain=20.0), 16)
+    common = [str(tiny_checkpoint), "--n", "20", "--steps", "4", "--seed", "2", "--json"]
+    runs = {}
+    for backend in ("torch", "rt"):
+        rc, out, _ = _run(capsys, "sample", *common, "--backend", backend, "--engines", str(engines),
+                          "--out", str(tmp_path / f"{backend}.png"))
+        assert rc == 0
+        runs[backend] = _last_json(out)
+    assert runs["rt"]["layers_by_step"] == runs["torch"]["layers_by_step"]  # same exit decisions
+    assert runs["rt"]["image_mean"] == pytest.approx(runs["torch"]["image_mean"], abs=1e-4)
+    assert runs["rt"]["image_std"] == pytest.approx(runs["torch"]["image_std"], abs=1e-4)
