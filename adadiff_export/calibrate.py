@@ -6,6 +6,10 @@ mean exit layer, and the prediction error against full depth (mse of eps). When 
 module and its classifier are available, FD of images sampled at each threshold to the real test
 set (in the shipped classifier's feature space, not Inception FID) completes each point.
 
+`mean_layers` is measured on that held-out batch (times uniform in [t_eps, 1], the training
+distribution); along a sampling trajectory the mix of times differs, so a sampler's mean depth at
+the same threshold can differ too (`evaluate`/`bench` measure that).
+
 FD costs a sampling run per point, so only a few points get one (`fd_points`, spread over the
 curve, always including the chosen threshold); the others store `fd: null`.
 
