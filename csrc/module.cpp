@@ -91,13 +91,10 @@ class PyRuntime {
   py::tuple denoise(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj, const std::string& policy,
                     std::optional<double> threshold, int patience, const std::string& granularity, int static_layer) {
     const ModelDesc& c = rt_->manifest().model;
-    F32 x = typed<float>(x_obj, "x", "float32");
-    F32 t = typed<float>(t_obj, "t", "float32");
-    check_image("x", x);
-    const int b = int(x.shape(0));
-    if (t.ndim() != 1 || t.shape(0) != b)
-      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_of(t));
-    std::optional<I64> y = labels(y_obj, b);
+    const Inputs in = inputs(x_obj, t_obj, y_obj);
+    const int b = in.batch;
+    const F32 &x = in.x, &t = in.t;
+    const std::optional<I64>& y = in.y;
     DenoiseOptions o{policy, threshold, patience, granularity, static_layer};
     F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
     I64 layer(std::vector<py::ssize_t>{py::ssize_t(b)});
@@ -149,13 +146,10 @@ class PyRuntime {
 
   F32 full(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj) {
     const ModelDesc& c = rt_->manifest().model;
-    F32 x = typed<float>(x_obj, "x", "float32");
-    F32 t = typed<float>(t_obj, "t", "float32");
-    check_image("x", x);
-    const int b = int(x.shape(0));
-    if (t.ndim() != 1 || t.shape(0) != b)
-      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_of(t));
-    std::optional<I64> y = labels(y_obj, b);
+    const Inputs in = inputs(x_obj, t_obj, y_obj);
+    const int b = in.batch;
+    const F32 &x = in.x, &t = in.t;
+    const std::optional<I64>& y = in.y;
     F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
     const float* xp = x.data();
     const float* tp = t.data();
@@ -173,6 +167,23 @@ class PyRuntime {
   const std::string& device() const { return device_; }
 
  private:
+  struct Inputs {
+    F32 x, t;
+    std::optional<I64> y;
+    int batch;
+  };
+
+  // x [B,C,H,W] float32, t [B] float32, y [B] int64 or None: checked, C-contiguous.
+  Inputs inputs(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj) const {
+    F32 x = typed<float>(x_obj, "x", "float32");
+    F32 t = typed<float>(t_obj, "t", "float32");
+    check_image("x", x);
+    const int b = int(x.shape(0));
+    if (t.ndim() != 1 || t.shape(0) != b)
+      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_of(t));
+    return Inputs{x, t, labels(y_obj, b), b};
+  }
+
   void check_image(const char* name, const F32& a) const {
     const ModelDesc& c = rt_->manifest().model;
     if (a.ndim() != 4 || a.shape(1) != c.in_chans || a.shape(2) != c.img_size || a.shape(3) != c.img_size)
