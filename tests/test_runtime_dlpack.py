@@ -38,18 +38,21 @@ def folder(tmp_path_factory):
 
 
 def setup(folder, device):
-    model = tiny_model(uem_gain=20.0).to(device)
-    rt = adadiff_rt.Runtime(str(folder), device=device, segments=torch_segments(model, device))
-    return model, rt
+    """The runtime over torch segments on `device`, and the oracle: the same weights on the CPU
+    (the reference early exit keeps its bookkeeping on the CPU)."""
+    torch.backends.cudnn.allow_tf32 = False  # fp32 parity: no TF32 convolutions on the GPU
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine_model = tiny_model(uem_gain=20.0).to(device)
+    rt = adadiff_rt.Runtime(str(folder), device=device, segments=torch_segments(engine_model, device))
+    return tiny_model(uem_gain=20.0), rt
 
 
-def oracle(model, x, t, y, device, **kw):
+def oracle(model, x, t, y, device=None, **kw):
     policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
                         patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
                         granularity=kw.get("granularity", "sample"))
-    r = early_exit(model, torch.from_numpy(x).to(device), torch.from_numpy(t).to(device),
-                   torch.from_numpy(y).to(device), policy)
-    return r.eps.cpu().numpy(), r.exit_layer.cpu().numpy(), r.u.cpu().numpy()
+    r = early_exit(model, torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y), policy)
+    return r.eps.numpy(), r.exit_layer.numpy(), r.u.numpy()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,10 +84,9 @@ def test_dlpack_sample_matches_python_sampler(folder, device, sampler, guidance)
     y = torch.tensor([0, 2, 7, 10])
     images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=5, guidance=guidance, threshold=0.5)
     den = EarlyExitDenoiser(model, ExitPolicy(threshold=0.5))
-    ref = py_sample(sampler, guided(den, guidance, model.config.num_classes), noise.to(device), VPSchedule(), 5,
-                    y=y.to(device))
-    np.testing.assert_array_equal(used, den.layers_by_step().cpu().numpy())
-    assert rel_err(images, ref.cpu().numpy()) <= TOL
+    ref = py_sample(sampler, guided(den, guidance, model.config.num_classes), noise, VPSchedule(), 5, y=y)
+    np.testing.assert_array_equal(used, den.layers_by_step().numpy())
+    assert rel_err(images, ref.numpy()) <= TOL
 
 
 def test_callable_errors_name_the_segment(folder):
@@ -141,9 +143,8 @@ def test_tensorrt_engine_matches_oracle(tmp_path):
                            tensorrt="on", log=lambda _m: None)
     rt = adadiff_rt.Runtime(str(folder), device="cuda", engine="tensorrt")
     x, t, y = inputs(model, 7)
-    model = model.to("cuda")
     for kw in (dict(threshold=0.0), dict(policy="static", static_layer=3)):
         eps, layer, _ = rt.denoise(x, t, y, **kw)
-        ref_eps, ref_layer, _ = oracle(model, x, t, y, "cuda", **kw)
+        ref_eps, ref_layer, _ = oracle(model, x, t, y, **kw)
         np.testing.assert_array_equal(layer, ref_layer)
         assert rel_err(eps, ref_eps) <= 1e-2  # TensorRT may use TF32 / fp16 kernels
