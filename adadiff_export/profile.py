@@ -12,6 +12,7 @@ our CI).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -30,16 +31,22 @@ from .parity import random_feed
 ENGINES = ("openvino", "onnxruntime")
 
 
-def _timed(run: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median seconds of `iters` calls after `warmup` calls."""
+def _timed_rounds(calls: Dict[str, Callable[[], object]], warmup: int, iters: int) -> Dict[str, float]:
+    """Median seconds per call of each entry, timed in interleaved rounds.
+
+    One call of every segment per round, so a burst of load from elsewhere on the machine lands on
+    all segments alike instead of inflating whichever segment happened to be timed then.
+    """
     for _ in range(warmup):
-        run()
-    times = []
+        for run in calls.values():
+            run()
+    times: Dict[str, List[float]] = {name: [] for name in calls}
     for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in calls.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _openvino_runner(path: Path, threads: Optional[int]):
@@ -74,12 +81,12 @@ def segment_costs(folder: Path, engine: str = "openvino", batch: int = 1, warmup
     if not 1 <= batch <= manifest.max_batch:
         raise ValueError(f"batch must be in 1..{manifest.max_batch}, got {batch}")
     rng = np.random.default_rng(0)
-    costs: Dict[str, float] = {}
+    calls: Dict[str, Callable[[], object]] = {}
     for seg in manifest.segments:
         run = _RUNNERS[engine](Path(folder) / seg.file, threads)
         feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
-        costs[seg.name] = 1000.0 * _timed(lambda: run(feed), warmup, iters)
-    return costs
+        calls[seg.name] = functools.partial(run, feed)
+    return {name: 1000.0 * sec for name, sec in _timed_rounds(calls, warmup, iters).items()}
 
 
 def exit_costs(costs: Dict[str, float], depth: int) -> List[float]:
