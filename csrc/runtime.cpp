@@ -29,6 +29,20 @@ struct Schedule {
     return std::sqrt(1 - a * a);
   }
   double lambda(double t) const { return std::log(alpha(t) / sigma(t)); }
+  // Inverse of lambda for the linear VP schedule (schedule.py: VPSchedule.t_of_lambda).
+  double t_of_lambda(double lam) const {
+    const double log_alpha = -0.5 * std::log1p(std::exp(-2.0 * lam));
+    const double b0 = d.beta_min, b1 = d.beta_max;
+    if (b1 == b0) return -2.0 * log_alpha / b0;
+    return (-b0 + std::sqrt(b0 * b0 - 4.0 * (b1 - b0) * log_alpha)) / (b1 - b0);
+  }
+  // Step n of samplers.time_grid: uniform in log-SNR for dpm++/ddim, uniform in t for euler.
+  double grid(bool uniform_t, int steps, int n) const {
+    if (n == 0) return 1.0;
+    if (n == steps) return d.t_eps;
+    if (uniform_t) return linspace_at(1.0, d.t_eps, steps + 1, n);
+    return t_of_lambda(linspace_at(lambda(1.0), lambda(d.t_eps), steps + 1, n));
+  }
 };
 
 }  // namespace
@@ -326,8 +340,9 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
   double h_prev = 0.0;
   float* x = x_state_.as<float>();
   for (int n = 0; n < steps; ++n) {
-    const double t = linspace_at(1.0, m_.schedule.t_eps, steps + 1, n);
-    const double s = linspace_at(1.0, m_.schedule.t_eps, steps + 1, n + 1);
+    const bool uniform_t = o.sampler == "euler";
+    const double t = sch.grid(uniform_t, steps, n);
+    const double s = sch.grid(uniform_t, steps, n + 1);
     ops_->fill_f32(t_in_.as<float>(), be, float(t));
     const void* xin = x;
     if (guided) {

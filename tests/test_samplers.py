@@ -36,6 +36,15 @@ def test_time_grid():
         time_grid(SCHEDULE, 0)
 
 
+def test_time_grid_spacing():
+    lam = torch.tensor([SCHEDULE.lambda_(float(t)) for t in time_grid(SCHEDULE, 10)], dtype=torch.float64)
+    assert torch.allclose(lam.diff(), lam.diff()[0].expand(10), rtol=1e-9)
+    ts = time_grid(SCHEDULE, 10, "uniform")
+    assert torch.allclose(ts.diff(), ts.diff()[0].expand(10), rtol=1e-9)
+    with pytest.raises(ValueError):
+        time_grid(SCHEDULE, 10, "cosine")
+
+
 def test_schedule_lambda_inverse():
     for t in (0.01, 0.3, 0.9):
         assert SCHEDULE.t_of_lambda(SCHEDULE.lambda_(t)) == pytest.approx(t, rel=1e-9)
