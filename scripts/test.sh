@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up, then pass the tests: the whole suite against the installed adadiff_rt (its tests may not
+# skip: ADADIFF_RT_REQUIRED=1), then the runtime tests again on an ASan+UBSan build of the C++ core.
+# ADADIFF_SKIP_SANITIZE=1 leaves out the sanitizer stage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+# Run from a folder outside the checkout's build dirs so `import adadiff_rt` finds the installed module.
+ADADIFF_RT_REQUIRED=1 python -m pytest -q tests
+
+if [ "${ADADIFF_SKIP_SANITIZE:-0}" != "1" ]; then
+  OV=$(python -c "import openvino,os;print(os.path.dirname(openvino.__file__))")/cmake
+  cmake -S . -B build/asan -DADADIFF_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOpenVINO_DIR="$OV" \
+    -Dpybind11_DIR="$(python -c 'import pybind11;print(pybind11.get_cmake_dir())')" \
+    -DPython_EXECUTABLE="$(command -v python)" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/build/asan/lib" >/dev/null
+  cmake --build build/asan -j2
+  LD_PRELOAD="$PWD/build/asan/libno_deepbind.so $(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  PYTHONPATH="$PWD/build/asan/lib" ADADIFF_RT_REQUIRED=1 \
+    python -m pytest -q tests/test_runtime.py tests/test_runtime_dlpack.py
+fi
