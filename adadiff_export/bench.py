@@ -868,6 +868,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, help="the default threshold (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=0, help="threads for every engine (0: each engine's default)")
     p.add_argument("--no-cifar", action="store_true", help="skip the U-ViT-S/2 CIFAR-10 shape")
+    p.add_argument("--sample-batches", type=int, nargs="+", help="batches of the sampling workload (default 1 8 64)")
+    p.add_argument("--denoise-batches", type=int, nargs="+", help="batches of the denoise workload (default 1 8 64)")
+    p.add_argument("--cifar-batches", type=int, nargs="+", help="batches of the CIFAR-10 shape (default 1 4)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -878,6 +881,10 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         kw["n_quality"] = a.n
     if a.repeats is not None:
         kw["repeats"] = a.repeats
+    for flag, key in (("sample_batches", "sample_batches"), ("denoise_batches", "denoise_batches"),
+                      ("cifar_batches", "cifar_batches")):
+        if getattr(a, flag):
+            kw[key] = tuple(getattr(a, flag))
     return BenchConfig.quick(**kw) if a.quick else BenchConfig(**kw)
 
 
