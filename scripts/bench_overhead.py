@@ -1,8 +1,10 @@
 """Overhead of adadiff_rt's segmented early-exit loop over the one-graph `full` model, on OpenVINO.
 
-Side by side in one process and one Runtime: `denoise(threshold=0)` (every layer runs, u is
-computed and tested after each) against `full` (the whole model in one OpenVINO graph), at batch 1
-and 64, median of interleaved repetitions. Goal: at most 5% slower.
+Side by side in one process and one Runtime (so both run with the same OpenVINO settings):
+`denoise(threshold=0)` (every layer runs, u is computed and tested after each) against `full` (the
+whole model in one OpenVINO graph), at batch 1 and 64. The two alternate call by call, so load from
+other processes lands on both alike; medians after warm-up (which also lets the engine compile its
+static-batch variants). Goal: at most 5% slower.
 
     python scripts/bench_overhead.py                      # shipped checkpoint -> engines/ (built if absent)
     python scripts/bench_overhead.py --engines DIR        # an existing engines folder
@@ -11,6 +13,8 @@ and 64, median of interleaved repetitions. Goal: at most 5% slower.
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
@@ -31,13 +35,31 @@ def _engines(args: argparse.Namespace) -> Path:
     return build_engines(args.checkpoint, args.engines, max_batch=max(args.batches), tensorrt="off")
 
 
-def _time(fn, repeats: int) -> list:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _interleaved(a, b, calls: int) -> tuple:
+    """`calls` timings of each, alternating a b b a a b ... so neither always runs first."""
+    ta, tb = [], []
+    for i in range(calls):
+        first, second = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        first[1].append(_once(first[0]))
+        second[1].append(_once(second[0]))
+    return ta, tb
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = "load %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {load}"
 
 
 def main(argv=None) -> int:
@@ -45,8 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", type=Path, default=ROOT / "engines")
     p.add_argument("--checkpoint", type=Path, default=None, help="used only when --engines has to be built")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--repeats", type=int, default=100, help="timed calls per variant and round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are taken over all calls)")
+    p.add_argument("--repeats", type=int, default=200, help="timed calls of each (alternating)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls of each first")
     p.add_argument("--threads", type=int, default=0, help="OpenVINO CPU threads (0: its default)")
     a = p.parse_args(argv)
 
@@ -66,16 +88,13 @@ def main(argv=None) -> int:
         y = rng.integers(0, m["num_classes"] + 1, b) if m["num_classes"] else None
         full = lambda: rt.full(x, t, y)  # noqa: E731
         seg = lambda: rt.denoise(x, t, y, threshold=0.0)  # noqa: E731
-        for fn in (full, seg):  # warm-up (first-call shape specialisation)
-            _time(fn, 10)
-        tf, ts = [], []
-        for _ in range(a.rounds):
-            tf += _time(full, a.repeats)
-            ts += _time(seg, a.repeats)
+        _interleaved(full, seg, a.warmup)
+        tf, ts = _interleaved(full, seg, a.repeats)
         mf, ms = statistics.median(tf), statistics.median(ts)
         rows.append((b, mf * 1e3, ms * 1e3, (ms / mf - 1) * 100))
-    print(f"\nadadiff_rt overhead, OpenVINO CPU fp32, {folder} (depth {rt.depth}), median of "
-          f"{a.rounds * a.repeats} calls each")
+    print(f"\nadadiff_rt overhead, OpenVINO CPU fp32, threads {a.threads or 'default'}, {folder} "
+          f"(depth {rt.depth}), median of {a.repeats} alternating calls each")
+    print(f"machine: {_machine()}")
     print(f"{'batch':>5} | {'full ms':>9} | {'denoise(thr=0) ms':>17} | {'overhead':>8} | goal <= 5%")
     for b, f, s, o in rows:
         print(f"{b:>5} | {f:>9.3f} | {s:>17.3f} | {o:>7.1f}% | {'ok' if o <= 5 else 'MISSED'}")
