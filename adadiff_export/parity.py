@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -150,6 +150,23 @@ def random_feed(seg: Segment, batch: int, rng: np.random.Generator, num_classes:
     return feed
 
 
+def _against_onnxruntime(folder: Path, manifest: Manifest, batch: int, seed: int, tolerance: float,
+                         label: Callable[[Segment], str], infer: Callable[[Segment, dict], dict]) -> List[ParityFigure]:
+    """Every segment through `infer(seg, feed) -> {name: array}` vs onnxruntime on the same random inputs."""
+    rng = np.random.default_rng(seed)
+    figures: List[ParityFigure] = []
+    with ort_runners(folder, manifest.segments) as runners:
+        for seg in manifest.segments:
+            feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
+            ref = _infer(runners[seg.name], feed)
+            got = infer(seg, feed)
+            for ts in seg.outputs:
+                figures.append(ParityFigure(label(seg), ts.name,
+                                            normalized_error(ref[ts.name], np.asarray(got[ts.name], np.float32)),
+                                            tolerance))
+    return figures
+
+
 def openvino_parity(folder: Path, manifest: Manifest, batch: int = 4, seed: int = 0,
                     tolerance: float = TOLERANCES["fp32"]) -> List[ParityFigure]:
     """Every segment through OpenVINO (CPU, f32 inference precision) vs onnxruntime on the same inputs.
@@ -159,19 +176,13 @@ def openvino_parity(folder: Path, manifest: Manifest, batch: int = 4, seed: int 
     import openvino as ov
 
     core = ov.Core()
-    rng = np.random.default_rng(seed)
-    figures: List[ParityFigure] = []
-    with ort_runners(folder, manifest.segments) as runners:
-        for seg in manifest.segments:
-            feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
-            ref = _infer(runners[seg.name], feed)
-            compiled = core.compile_model(str(Path(folder) / seg.file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-            got = compiled.create_infer_request().infer(feed)
-            by_name = {out.get_any_name(): val for out, val in got.items()}
-            for ts in seg.outputs:
-                figures.append(ParityFigure(seg.name, ts.name, normalized_error(ref[ts.name], by_name[ts.name]),
-                                            tolerance))
-    return figures
+
+    def infer(seg: Segment, feed: dict) -> dict:
+        compiled = core.compile_model(str(Path(folder) / seg.file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = compiled.create_infer_request().infer(feed)
+        return {out.get_any_name(): val for out, val in got.items()}
+
+    return _against_onnxruntime(folder, manifest, batch, seed, tolerance, lambda seg: seg.name, infer)
 
 
 def tensorrt_parity(folder: Path, manifest: Manifest, batch: int, seed: int = 0) -> List[ParityFigure]:
@@ -184,21 +195,14 @@ def tensorrt_parity(folder: Path, manifest: Manifest, batch: int, seed: int = 0)
     from polygraphy.logger import G_LOGGER
 
     trt = manifest.tensorrt
-    tolerance = TOLERANCES[trt.precision]
-    rng = np.random.default_rng(seed)
-    figures: List[ParityFigure] = []
-    with ort_runners(folder, manifest.segments) as runners:
-        for seg in manifest.segments:
-            feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
-            ref = _infer(runners[seg.name], feed)
-            plan = BytesFromPath(str(Path(folder) / trt.plans[seg.name].file))
-            with G_LOGGER.verbosity(G_LOGGER.ERROR), TrtRunner(EngineFromBytes(plan)) as runner:
-                got = dict(runner.infer(feed))
-            for ts in seg.outputs:
-                figures.append(ParityFigure(f"{seg.name}.plan", ts.name,
-                                            normalized_error(ref[ts.name], np.asarray(got[ts.name], np.float32)),
-                                            tolerance))
-    return figures
+
+    def infer(seg: Segment, feed: dict) -> dict:
+        plan = BytesFromPath(str(Path(folder) / trt.plans[seg.name].file))
+        with G_LOGGER.verbosity(G_LOGGER.ERROR), TrtRunner(EngineFromBytes(plan)) as runner:
+            return dict(runner.infer(feed))
+
+    return _against_onnxruntime(folder, manifest, batch, seed, TOLERANCES[trt.precision],
+                                lambda seg: f"{seg.name}.plan", infer)
 
 
 # ----- chained parity ----------------------------------------------------------------------------
