@@ -4,6 +4,8 @@
 # ADADIFF_SKIP_SANITIZE=1 leaves out the sanitizer stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# CI has no locale: tqdm and the CLIs print UTF-8.
+export LANG=C.UTF-8 PYTHONIOENCODING=utf-8
 bash scripts/setup.sh
 
 # Run from a folder outside the checkout's build dirs so `import adadiff_rt` finds the installed module.

@@ -85,7 +85,7 @@ def test_ddp_two_processes_under_torchrun(npz: Path, tmp_path: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "adadiff_export", "train", "--config", "tiny", "--data", str(npz), "--steps", "3",
            "--batch-size", "4", "--warmup", "1", "--sample-every", "0", "--threads", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = ckpt.read_raw(out / "ckpt.pt")
     assert raw["step"] == 3
