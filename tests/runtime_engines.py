@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from adadiff_export import checkpoint as ckpt
+from adadiff_export.early_exit import ExitPolicy, early_exit
 from adadiff_export.manifest import ExitDefaults, Manifest, Segment, write
 from adadiff_export.model import UViT
 from adadiff_export.schedule import VPSchedule
@@ -23,6 +24,7 @@ from adadiff_export.segments import segment_module, segment_specs
 
 EXPORTER_SOURCES = ("model.py", "segments.py", "onnx_export.py", "manifest.py")  # what shapes the files
 THRESHOLD = 0.5
+TOL = 1e-4  # fp32 parity: max |got - ref| / max |ref|
 GUIDANCE = 2.0
 
 
@@ -119,3 +121,30 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 def maybe(x: Optional[np.ndarray]) -> Optional[torch.Tensor]:
     return None if x is None else torch.from_numpy(x)
+
+
+# ----- the oracle and parity checks shared by the runtime tests -----
+
+def oracle(model, x, t, y, **kw):
+    policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
+                        patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
+                        granularity=kw.get("granularity", "sample"))
+    r = early_exit(model, torch.from_numpy(x), torch.from_numpy(t), maybe(y), policy)
+    return r.eps.numpy(), r.exit_layer.numpy(), r.u.numpy()
+
+
+def assert_parity(rt, model, x, t, y, **kw):
+    eps, layer, u = rt.denoise(x, t, y, **kw)
+    ref_eps, ref_layer, ref_u = oracle(model, x, t, y, **kw)
+    np.testing.assert_array_equal(layer, ref_layer)
+    assert eps.dtype == np.float32 and layer.dtype == np.int64 and u.dtype == np.float32
+    assert rel_err(eps, ref_eps) <= TOL
+    np.testing.assert_array_equal(np.isnan(u), np.isnan(ref_u))
+    np.testing.assert_allclose(u[~np.isnan(u)], ref_u[~np.isnan(ref_u)], rtol=TOL, atol=1e-6)
+    return layer
+
+
+def mixed_threshold(model, x, t, y, granularity="sample", patience=1):
+    _, _, u_all = oracle(model, x, t, y, threshold=0.0)
+    return split_threshold(u_all, lambda thr: oracle(model, x, t, y, threshold=thr, granularity=granularity,
+                                                     patience=patience)[1])

@@ -19,7 +19,7 @@ from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
 from adadiff_export.samplers import guided, sample as py_sample
 from adadiff_export.schedule import VPSchedule
 from conftest import tiny_model
-from runtime_engines import inputs, maybe, onnx_engines, rel_err, split_threshold
+from runtime_engines import TOL, assert_parity, inputs, maybe, mixed_threshold, onnx_engines, oracle, rel_err
 
 if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
     import adadiff_rt
@@ -30,7 +30,6 @@ if not adadiff_rt.has_openvino:
     pytest.skip("adadiff_rt was built without OpenVINO", allow_module_level=True)
 
 MAX_BATCH = 16
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -46,31 +45,6 @@ def engines(request, model) -> Path:
 @pytest.fixture(scope="module")
 def rt(engines):
     return adadiff_rt.Runtime(str(engines), threads=1)
-
-
-def oracle(model, x, t, y, **kw):
-    policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
-                        patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
-                        granularity=kw.get("granularity", "sample"))
-    r = early_exit(model, torch.from_numpy(x), torch.from_numpy(t), maybe(y), policy)
-    return r.eps.numpy(), r.exit_layer.numpy(), r.u.numpy()
-
-
-def assert_parity(rt, model, x, t, y, **kw):
-    eps, layer, u = rt.denoise(x, t, y, **kw)
-    ref_eps, ref_layer, ref_u = oracle(model, x, t, y, **kw)
-    np.testing.assert_array_equal(layer, ref_layer)
-    assert eps.dtype == np.float32 and layer.dtype == np.int64 and u.dtype == np.float32
-    assert rel_err(eps, ref_eps) <= TOL
-    np.testing.assert_array_equal(np.isnan(u), np.isnan(ref_u))
-    np.testing.assert_allclose(u[~np.isnan(u)], ref_u[~np.isnan(ref_u)], rtol=TOL, atol=1e-6)
-    return layer
-
-
-def mixed_threshold(model, x, t, y, granularity="sample", patience=1):
-    _, _, u_all = oracle(model, x, t, y, threshold=0.0)
-    return split_threshold(u_all, lambda thr: oracle(model, x, t, y, threshold=thr, granularity=granularity,
-                                                     patience=patience)[1])
 
 
 @pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
