@@ -8,11 +8,13 @@ all the DLPack engine needs (it runs the user's callables, not the ONNX files).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
+import pytest
 import torch
 
 from adadiff_export import checkpoint as ckpt
@@ -25,6 +27,17 @@ from adadiff_export.segments import segment_module, segment_specs
 EXPORTER_SOURCES = ("model.py", "segments.py", "onnx_export.py", "manifest.py")  # what shapes the files
 THRESHOLD = 0.5
 TOL = 1e-4  # fp32 parity: max |got - ref| / max |ref|
+
+
+def import_runtime(need_openvino: bool = False):
+    """adadiff_rt, or skip the calling test module (never skip under ADADIFF_RT_REQUIRED=1, as in CI)."""
+    if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
+        import adadiff_rt
+    else:
+        adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
+    if need_openvino and not adadiff_rt.has_openvino:
+        pytest.skip("adadiff_rt was built without OpenVINO", allow_module_level=True)
+    return adadiff_rt
 GUIDANCE = 2.0
 
 

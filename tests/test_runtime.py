@@ -19,15 +19,9 @@ from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
 from adadiff_export.samplers import guided, sample as py_sample
 from adadiff_export.schedule import VPSchedule
 from conftest import tiny_model
-from runtime_engines import TOL, assert_parity, inputs, maybe, mixed_threshold, onnx_engines, oracle, rel_err
+from runtime_engines import import_runtime, TOL, assert_parity, inputs, maybe, mixed_threshold, onnx_engines, oracle, rel_err
 
-if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
-    import adadiff_rt
-else:
-    adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
-
-if not adadiff_rt.has_openvino:
-    pytest.skip("adadiff_rt was built without OpenVINO", allow_module_level=True)
+adadiff_rt = import_runtime(need_openvino=True)
 
 MAX_BATCH = 16
 

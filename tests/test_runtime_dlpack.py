@@ -8,7 +8,6 @@ and a GPU is present; no fake stands in for it.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -18,12 +17,9 @@ from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
 from adadiff_export.samplers import guided, sample as py_sample
 from adadiff_export.schedule import VPSchedule
 from conftest import tiny_model
-from runtime_engines import inputs, manifest_only, rel_err, split_threshold, torch_segments
+from runtime_engines import import_runtime, inputs, manifest_only, rel_err, split_threshold, torch_segments
 
-if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
-    import adadiff_rt
-else:
-    adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
+adadiff_rt = import_runtime()
 
 MAX_BATCH = 16
 TOL = 1e-4

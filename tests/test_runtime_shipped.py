@@ -6,7 +6,6 @@ whose samples exit at different layers; and `sample` against the Python samplers
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,9 @@ import torch
 from adadiff_export import checkpoint as ckpt
 from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy
 from adadiff_export.samplers import guided, sample as py_sample
-from runtime_engines import TOL, assert_parity, inputs, mixed_threshold, onnx_engines, rel_err
+from runtime_engines import import_runtime, TOL, assert_parity, inputs, mixed_threshold, onnx_engines, rel_err
 
-if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
-    import adadiff_rt
-else:
-    adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
-
-if not adadiff_rt.has_openvino:
-    pytest.skip("adadiff_rt was built without OpenVINO", allow_module_level=True)
+adadiff_rt = import_runtime(need_openvino=True)
 
 MAX_BATCH = 64
 
