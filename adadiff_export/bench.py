@@ -169,19 +169,15 @@ class AuthorsEarlyExit:
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
         m = self.model
         h, temb = m.stem(x, t, y)
-        saved: List[Tensor] = []
-        eps = None
-        for i in range(m.depth):
-            src = m.skip_source(i)
-            h = m.layer(i, h, saved[src] if src is not None else None)
-            if i < m.config.num_in_blocks:
-                saved.append(h)
-            eps = m.head(h)
-            u = m.uncertainty(i, h, temb).mean()
-            if float(u) < self.threshold:
-                break
-        self.layers.append(i + 1)
-        return eps
+        last = {}
+
+        def head_and_test(i: int, hi: Tensor) -> bool:
+            last["eps"], last["layer"] = m.head(hi), i + 1
+            return float(m.uncertainty(i, hi, temb).mean()) < self.threshold
+
+        m.run_layers(h, head_and_test)
+        self.layers.append(last["layer"])
+        return last["eps"]
 
 
 def onnxruntime_full(path: Path, threads: int) -> Callable:

@@ -182,7 +182,11 @@ class UViT(nn.Module):
 
     # ----- whole passes -----------------------------------------------------
     def run_layers(self, h: Tensor, on_layer=None) -> Tensor:
-        """Run every block with the skip wiring; `on_layer(i, h)` sees each output."""
+        """Run the blocks with the skip wiring; `on_layer(i, h)` sees each output.
+
+        A truthy return from `on_layer` stops after that layer (a whole-batch exit); the
+        hidden state of the last layer run is returned.
+        """
         saved: List[Tensor] = []
         k = self.config.num_in_blocks
         for i in range(self.depth):
@@ -190,8 +194,8 @@ class UViT(nn.Module):
             h = self.layer(i, h, saved[src] if src is not None else None)
             if i < k:
                 saved.append(h)
-            if on_layer is not None:
-                on_layer(i, h)
+            if on_layer is not None and on_layer(i, h):
+                break
         return h
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
