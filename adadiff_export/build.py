@@ -54,6 +54,8 @@ def _check_destination(out: Path, force: bool) -> None:
     """Refuse to overwrite unless forced, and even then only something that is an engines folder."""
     if not out.exists() and not out.is_symlink():
         return
+    if out.is_dir() and not out.is_symlink() and all(p.name == ".gitkeep" for p in out.iterdir()):
+        return  # an empty folder (a fresh clone's engines/) holds nothing to lose
     if not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     if not out.is_dir() or out.is_symlink():

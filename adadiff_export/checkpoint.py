@@ -94,6 +94,17 @@ def save(payload: Dict[str, Any], path: Path) -> None:
     write_atomic({"format": FORMAT, "version": VERSION, **payload}, path)
 
 
+def save_untrained(config: ModelConfig, path: Path, seed: int = 0) -> Path:
+    """A checkpoint of `config` with random weights, for timing (speed does not depend on the weights); kept when
+    it already exists."""
+    path = Path(path)
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = UViT(config)
+        save({"config": config.to_dict(), "schedule": VPSchedule().to_dict(), "ema": model.state_dict()}, path)
+    return path
+
+
 def write_atomic(payload: Dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over `path`."""
     path = Path(path)

@@ -49,17 +49,14 @@ def _timed_rounds(calls: Dict[str, Callable[[], object]], warmup: int, iters: in
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _openvino_runner(path: Path, threads: Optional[int]):
-    import openvino as ov
+def _openvino_runner(path: Path, threads: Optional[int], batch: int):
+    from .openvino_cpu import compile_static
 
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    request = compile_static(path, batch, threads).create_infer_request()
     return lambda feed: request.infer(feed)
 
 
-def _onnxruntime_runner(path: Path, threads: Optional[int]):
+def _onnxruntime_runner(path: Path, threads: Optional[int], batch: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -83,7 +80,7 @@ def segment_costs(folder: Path, engine: str = "openvino", batch: int = 1, warmup
     rng = np.random.default_rng(0)
     calls: Dict[str, Callable[[], object]] = {}
     for seg in manifest.segments:
-        run = _RUNNERS[engine](Path(folder) / seg.file, threads)
+        run = _RUNNERS[engine](Path(folder) / seg.file, threads, batch)
         feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
         calls[seg.name] = functools.partial(run, feed)
     return {name: 1000.0 * sec for name, sec in _timed_rounds(calls, warmup, iters).items()}

@@ -9,6 +9,7 @@ static-batch variants). Goal: at most 5% slower.
     python scripts/bench_overhead.py                      # shipped checkpoint -> engines/ (built if absent)
     python scripts/bench_overhead.py --engines DIR        # an existing engines folder
     python scripts/bench_overhead.py --checkpoint CKPT --engines DIR --threads 2 --repeats 200
+    python scripts/bench_overhead.py --config uvit-s-cifar10 --engines bench_out/engines_cifar --repeats 20
 """
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ def _engines(args: argparse.Namespace) -> Path:
     sys.path.insert(0, str(ROOT))
     from adadiff_export.build import build_engines
 
-    print(f"building {args.engines} from {args.checkpoint or 'the shipped checkpoint'} ...", flush=True)
-    return build_engines(args.checkpoint, args.engines, max_batch=max(args.batches), tensorrt="off")
+    checkpoint = args.checkpoint
+    if args.config:
+        from adadiff_export.checkpoint import save_untrained
+        from adadiff_export.config import preset
+
+        checkpoint = save_untrained(preset(args.config), args.engines.parent / f"{args.config}_untrained.pt")
+    print(f"building {args.engines} from {checkpoint or 'the shipped checkpoint'} ...", flush=True)
+    return build_engines(checkpoint, args.engines, max_batch=max(args.batches), tensorrt="off")
 
 
 def _once(fn) -> float:
@@ -66,6 +73,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", type=Path, default=ROOT / "engines")
     p.add_argument("--checkpoint", type=Path, default=None, help="used only when --engines has to be built")
+    p.add_argument("--config", default=None,
+                   help="instead of a checkpoint, a named config with random weights (e.g. uvit-s-cifar10: the "
+                        "paper's scale); built into --engines when that holds no manifest")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--repeats", type=int, default=200, help="timed calls of each (alternating)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls of each first")

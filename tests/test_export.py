@@ -220,6 +220,12 @@ def test_existing_folder_is_refused_without_force(built, capsys):
     assert mf.sha256_file(out / mf.FILENAME) == before
 
 
+def test_an_empty_folder_is_built_into_without_force(built, tmp_path):
+    (tmp_path / "engines").mkdir()
+    build_engines(built[1], tmp_path / "engines", max_batch=2)
+    assert (tmp_path / "engines" / mf.FILENAME).is_file()
+
+
 def test_force_never_replaces_a_folder_that_is_not_an_engines_folder(built, tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("keep me")

@@ -1,0 +1,29 @@
+"""OpenVINO on CPU compiled the way adadiff_rt compiles its segments, for the Python-side peers and profiles.
+
+adadiff_rt asks every compiled model for f32 (this CPU would otherwise silently run bf16), latency mode with
+one stream and the given thread count, and compiles a static-batch variant for a batch size that recurs. A
+peer or a profile compiled any other way would compare unlike with like.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+
+def config(threads: Optional[int] = None) -> Dict[str, object]:
+    """The compile properties adadiff_rt uses (threads 0/None: OpenVINO's default)."""
+    cfg: Dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    return cfg
+
+
+def compile_static(path: Path, batch: int, threads: Optional[int] = None):
+    """`path` (ONNX with a dynamic batch) compiled for exactly `batch` rows; returns the ov.CompiledModel."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
+                   for p in model.inputs})
+    return core.compile_model(model, "CPU", config(threads))
