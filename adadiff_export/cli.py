@@ -29,6 +29,9 @@ def _add_train(sub) -> None:
     p.add_argument("--loss", choices=["joint", "simple"], default="joint")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the uncertainty regression term L_u")
     p.add_argument("--beta-ual", type=float, default=1.0, help="weight of the uncertainty-aware layer-wise term L_UAL")
+    p.add_argument("--gamma-layer", type=float, default=0.0,
+                   help="weight of a plain (unweighted) layer-wise term, NOT in the paper (default 0: the paper's "
+                        "loss); keeps intermediate layers learning where the UEM has settled at u ~ 1")
     p.add_argument("--init", type=Path, help="start from this (plain) checkpoint's weights: the paper's fine-tuning recipe")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
     p.add_argument("--seed", type=int, default=0)
@@ -47,7 +50,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         out=a.out, config=a.config, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
         warmup=a.warmup, ema_decay=a.ema_decay, grad_clip=a.grad_clip,
-        loss=LossConfig(a.loss, a.lambda_u, a.beta_ual), init=a.init, resume=a.resume, seed=a.seed,
+        loss=LossConfig(a.loss, a.lambda_u, a.beta_ual, a.gamma_layer), init=a.init, resume=a.resume, seed=a.seed,
         guidance=a.guidance, sample_every=a.sample_every, save_every=a.save_every, threads=a.threads,
         max_minutes=a.max_minutes,
     )

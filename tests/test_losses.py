@@ -26,6 +26,7 @@ def test_terms_match_hand_computation():
     assert float(terms["simple"]) == pytest.approx(simple, abs=1e-7)
     assert float(terms["u"]) == pytest.approx(l_u, abs=1e-7)
     assert float(terms["ual"]) == pytest.approx(ual, abs=1e-7)
+    assert float(terms["layer"]) == pytest.approx((0.5 ** 2 + 1.0 ** 2) / 2, abs=1e-7)  # last layer excluded
 
 
 def test_pseudo_label_is_detached_and_u_only_trains_uems(model):
@@ -51,5 +52,11 @@ def test_total_weights_terms_and_simple_loss(model):
     simple = diffusion_loss(model, model, VPSchedule(), x0, y, LossConfig("simple"), torch.Generator().manual_seed(3))
     # Same t and noise from the same seed: the plain loss is the joint loss's L_simple.
     torch.testing.assert_close(simple["total"], terms["simple"])
+    assert "layer" not in terms  # the paper's loss: the optional term is neither added nor logged
+    layered = diffusion_loss(AllLayers(model), model, VPSchedule(), x0, y, LossConfig("joint", 0.5, 2.0, 0.25),
+                             torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layered["total"], expect + 0.25 * layered["layer"])
     with pytest.raises(ValueError):
         LossConfig("other")
+    with pytest.raises(ValueError):
+        LossConfig("joint", gamma_layer=-1.0)
