@@ -34,6 +34,9 @@ def _add_train(sub) -> None:
                         "loss); keeps intermediate layers learning where the UEM has settled at u ~ 1")
     p.add_argument("--init", type=Path, help="start from this (plain) checkpoint's weights: the paper's fine-tuning recipe")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
+    p.add_argument("--reset-uems", action="store_true",
+                   help="re-initialise the uncertainty modules after loading (--resume or --init): re-fits UEMs "
+                        "whose sigmoids saturated while the layers' errors were large (e.g. after changing the loss)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the periodic sample grids (stored as the default)")
     p.add_argument("--sample-every", type=int, default=1000, help="write a sample grid every N steps (0: never)")
@@ -50,7 +53,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         out=a.out, config=a.config, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
         warmup=a.warmup, ema_decay=a.ema_decay, grad_clip=a.grad_clip,
-        loss=LossConfig(a.loss, a.lambda_u, a.beta_ual, a.gamma_layer), init=a.init, resume=a.resume, seed=a.seed,
+        loss=LossConfig(a.loss, a.lambda_u, a.beta_ual, a.gamma_layer), init=a.init, resume=a.resume, reset_uems=a.reset_uems, seed=a.seed,
         guidance=a.guidance, sample_every=a.sample_every, save_every=a.save_every, threads=a.threads,
         max_minutes=a.max_minutes,
     )

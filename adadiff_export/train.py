@@ -42,6 +42,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     init: Optional[Path] = None
     resume: bool = False
+    reset_uems: bool = False  # re-initialise the uncertainty modules after loading (see reset_uems)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -103,6 +104,20 @@ def _load_init(model: UViT, path: Path) -> None:
     model.load_state_dict(loaded.model.state_dict())
 
 
+def reset_uems(model: UViT, ema: UViT, opt: torch.optim.Optimizer) -> None:
+    """Fresh UEMs in the model and its EMA, and no optimizer moments for them.
+
+    L_u is a squared error on a sigmoid: where a layer's error was large its target tanh|err| is ~1 and the
+    logits grow until the sigmoid saturates (logits of 35 were seen), after which no gradient can bring them
+    back when the error falls. The UEMs read detached features, so re-fitting them leaves the backbone alone.
+    """
+    for uem in model.uems:
+        uem.proj.reset_parameters()
+        for p in uem.parameters():
+            opt.state.pop(p, None)
+    ema.uems.load_state_dict(model.uems.state_dict())
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train and return the path of the latest checkpoint."""
     from tqdm import tqdm
@@ -131,6 +146,8 @@ def train(cfg: TrainConfig) -> Path:
         ema.load_state_dict(raw["ema"])
         opt.load_state_dict(raw["optimizer"])
         step = int(raw["step"])
+    if cfg.reset_uems:
+        reset_uems(model, ema, opt)
     callee: torch.nn.Module = AllLayers(model) if cfg.loss.kind == "joint" else model
     if dd.world > 1:
         callee = torch.nn.parallel.DistributedDataParallel(

@@ -14,6 +14,7 @@ import torch
 
 from adadiff_export import checkpoint as ckpt
 from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy
+from adadiff_export.generate import default_threshold
 from adadiff_export.samplers import guided, sample as py_sample
 from runtime_engines import import_runtime, TOL, assert_parity, inputs, mixed_threshold, onnx_engines, rel_err
 
@@ -40,9 +41,9 @@ def rt(request, model) -> "adadiff_rt.Runtime":
 
 @pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
-def test_uem_matches_oracle(rt, model, batch, granularity):
+def test_uem_matches_oracle(rt, shipped, model, batch, granularity):
     x, t, y = inputs(model, batch, seed=batch)
-    thr = mixed_threshold(model, x, t, y, granularity) if batch > 1 else 0.45
+    thr = mixed_threshold(model, x, t, y, granularity) if batch > 1 else default_threshold(shipped)
     layers = assert_parity(rt, model, x, t, y, threshold=thr, granularity=granularity)
     if batch > 1 and granularity == "sample":
         assert len(np.unique(layers)) >= 2, "the batch should exit at different layers"
@@ -60,8 +61,9 @@ def test_sample_matches_python_sampler(rt, shipped):
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(4, 1, 28, 28, generator=g)
     y = torch.tensor([0, 1, 7, 9])
-    images, used = rt.sample(noise.numpy(), y.numpy(), sampler="dpm++", steps=8, guidance=2.0, threshold=0.45)
-    den = EarlyExitDenoiser(model, ExitPolicy(threshold=0.45))
+    thr = default_threshold(shipped)
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler="dpm++", steps=8, guidance=2.0, threshold=thr)
+    den = EarlyExitDenoiser(model, ExitPolicy(threshold=thr))
     ref = py_sample("dpm++", guided(den, 2.0, model.config.num_classes), noise.clone(), schedule, 8, y=y)
     np.testing.assert_array_equal(used, den.layers_by_step().numpy())
     assert rel_err(images, ref.numpy()) <= TOL

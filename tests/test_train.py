@@ -58,6 +58,33 @@ def test_plain_loss_then_fine_tune_with_init(npz: Path, tmp_path: Path):
     assert ckpt.read_raw(tuned)["step"] == 1
 
 
+def test_reset_uems_refits_only_the_uncertainty_modules(npz: Path, tmp_path: Path):
+    from adadiff_export.model import UViT
+    from adadiff_export.train import reset_uems
+
+    model = UViT(ckpt.load(train(_cfg(npz, tmp_path / "run"))).model.config)
+    with torch.no_grad():
+        for p in model.uems.parameters():
+            p.fill_(40.0)  # a saturated UEM: sigmoid ~1 everywhere, no gradient left
+    ema = UViT(model.config)
+    opt = torch.optim.AdamW(model.parameters())
+    model.uems[0].proj.weight.sum().backward()
+    opt.step()
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("uems.")}
+    reset_uems(model, ema, opt)
+    assert all(float(p.abs().max()) < 40.0 for p in model.uems.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in backbone.items())
+    assert all(torch.equal(a, b) for a, b in zip(model.uems.state_dict().values(), ema.uems.state_dict().values()))
+    assert not any(p in opt.state for p in model.uems.parameters())
+    # and through the command line, after a resume
+    out = tmp_path / "cli"
+    train(_cfg(npz, out))
+    assert main(["train", "--config", "tiny", "--data", str(npz), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                 "--sample-every", "0", "--threads", "1", "--resume", "--reset-uems", "--gamma-layer", "0.1"]) == 0
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "layer" in logs[-1] and ckpt.read_raw(out / "ckpt.pt")["step"] == 3
+
+
 def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setenv("ADADIFF_FASHION_MNIST", str(tmp_path / "none"))
     with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
