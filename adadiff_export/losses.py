@@ -46,8 +46,9 @@ def joint_loss_terms(eps_layers, u_maps, noise: Tensor) -> Dict[str, Tensor]:
         target = torch.tanh(err.abs()).detach()
         l_u = l_u + torch.mean((u_maps[i] - target) ** 2)
         if i < n - 1:
-            l_ual = l_ual + torch.mean((1 - u_maps[i]) * err ** 2)
-            l_layer = l_layer + torch.mean(err ** 2)
+            sq = err ** 2
+            l_ual = l_ual + torch.mean((1 - u_maps[i]) * sq)
+            l_layer = l_layer + torch.mean(sq)
     return {"simple": simple, "u": l_u, "ual": l_ual, "layer": l_layer}
 
 

@@ -18,12 +18,13 @@ def config(threads: Optional[int] = None) -> Dict[str, object]:
     return cfg
 
 
-def compile_static(path: Path, batch: int, threads: Optional[int] = None):
-    """`path` (ONNX with a dynamic batch) compiled for exactly `batch` rows; returns the ov.CompiledModel."""
+def compile_static(path: Path, batch: int, threads: Optional[int] = None, extra: Optional[Dict[str, object]] = None):
+    """`path` (ONNX with a dynamic batch) compiled for exactly `batch` rows, with `extra` properties on top
+    (e.g. PERF_COUNT); returns the ov.CompiledModel."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(path))
     model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
                    for p in model.inputs})
-    return core.compile_model(model, "CPU", config(threads))
+    return core.compile_model(model, "CPU", {**config(threads), **(extra or {})})

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def _engines(args: argparse.Namespace) -> Path:
     if (args.engines / "manifest.json").is_file():
         return args.engines
-    sys.path.insert(0, str(ROOT))
     from adadiff_export.build import build_engines
 
     checkpoint = args.checkpoint
@@ -59,14 +59,11 @@ def _interleaved(a, b, calls: int) -> tuple:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = "load %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {load}"
+    """The bench's machine line (CPU, cores, versions) plus the load average, which these VMs need beside a timing."""
+    from adadiff_export.bench import machine, machine_line
+
+    load = ", load %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{platform.node()}: {machine_line(machine())}{load}"
 
 
 def main(argv=None) -> int:
