@@ -44,7 +44,8 @@ py::array_t<T, py::array::c_style> typed(const py::handle& obj, const char* name
 class PyRuntime {
  public:
   PyRuntime(const std::string& dir, const std::string& device, const std::string& engine, const std::string& precision,
-            int threads, std::optional<py::dict> segments, std::optional<std::string> cache_dir, int device_id) {
+            int threads, std::optional<py::dict> segments, std::optional<std::string> cache_dir, int device_id,
+            bool fuse_static) {
     if (threads < 0) throw py::value_error("threads must be >= 0, got " + std::to_string(threads));
     Manifest m = load_manifest(dir);
     std::unique_ptr<Ops> ops;
@@ -66,6 +67,7 @@ class PyRuntime {
       o.precision = precision;
       o.threads = threads;
       o.max_batch = cap;
+      o.fuse_static = fuse_static;
       if (cache_dir) {
         o.cache_dir = *cache_dir;
       } else if (access(dir.c_str(), W_OK) == 0) {
@@ -239,20 +241,22 @@ PYBIND11_MODULE(adadiff_rt, mod) {
 An engines folder loaded for inference.
 
 Runtime(engines_dir, device="cpu", engine="auto", precision="fp32", threads=0, *, segments=None,
-        cache_dir=None, device_id=0)
+        cache_dir=None, device_id=0, fuse_static=True)
 
 engine: "auto" (OpenVINO on cpu, TensorRT on cuda, "dlpack" when segments is given), "openvino",
 "tensorrt" or "dlpack" (segments = {segment name: callable(*DLPack inputs) -> outputs}).
 precision: OpenVINO's inference precision, "fp32" (default) or "bf16". threads: OpenVINO CPU
 threads (0 = its default). cache_dir: OpenVINO compiled-model cache (default
-<engines_dir>/openvino_cache when writable, "" disables it).
+<engines_dir>/openvino_cache when writable, "" disables it). fuse_static: OpenVINO runs the
+static policy's stem, layers 1..L and head as one compiled graph (stitched from the segments; the
+same results, without a call per segment); False chains the segments as the other policies do.
 Every file is checked against its sha256 in manifest.json before use.
 )doc")
       .def(py::init<const std::string&, const std::string&, const std::string&, const std::string&, int,
-                    std::optional<py::dict>, std::optional<std::string>, int>(),
+                    std::optional<py::dict>, std::optional<std::string>, int, bool>(),
            py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("engine") = "auto", py::arg("precision") = "fp32",
            py::arg("threads") = 0, py::kw_only(), py::arg("segments") = py::none(), py::arg("cache_dir") = py::none(),
-           py::arg("device_id") = 0)
+           py::arg("device_id") = 0, py::arg("fuse_static") = true)
       .def("denoise", &PyRuntime::denoise, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("policy") = "uem", py::arg("threshold") = py::none(), py::arg("patience") = 1,
            py::arg("granularity") = "sample", py::arg("static_layer") = 0,

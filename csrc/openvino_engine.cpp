@@ -10,6 +10,7 @@
 #include <vector>
 
 #ifdef ADADIFF_WITH_OPENVINO
+#include <openvino/op/result.hpp>
 #include <openvino/runtime/core.hpp>
 #include <openvino/runtime/intel_cpu/properties.hpp>
 #include <openvino/runtime/properties.hpp>
@@ -60,6 +61,8 @@ struct Variant {
 // on every infer and the CPU plugin picks shape-agnostic kernels; over 15 small segments per
 // denoise that per-call cost is what separated the segmented loop from the one `full` graph.
 struct Segment {
+  std::string name;
+  std::vector<TensorDesc> inputs, outputs;  // the tensors a run binds, in manifest order
   std::shared_ptr<ov::Model> source;  // kept to reshape into static variants
   std::unique_ptr<Variant> dynamic;
   std::map<int, std::unique_ptr<Variant>> fixed;
@@ -96,20 +99,32 @@ class OpenVinoEngine final : public Engine {
 
   void run(int seg, int batch, void* const* in, void* const* out) override {
     Segment& sg = segs_[seg];
-    const SegmentDesc& s = m_.segments[seg];
+    if (!sg.ready) load(seg);
+    infer(sg, batch, in, out);
+  }
+
+  bool run_static(int layers, int batch, void* const* in, void* eps) override {
+    if (!o_.fuse_static) return false;
+    auto it = fused_.find(layers);
+    if (it == fused_.end()) it = fused_.emplace(layers, fuse(layers)).first;
+    void* out[1] = {eps};
+    infer(it->second, batch, in, out);
+    return true;
+  }
+
+ private:
+  void infer(Segment& sg, int batch, void* const* in, void* const* out) {
     try {
-      if (!sg.ready) load(seg);
-      Variant& v = pick(seg, batch);
+      Variant& v = pick(sg, batch);
       for (size_t i = 0; i < v.inputs.size(); ++i) bind(v, v.inputs[i], batch, in[i]);
       for (size_t i = 0; i < v.outputs.size(); ++i) bind(v, v.outputs[i], batch, out[i]);
       v.request.infer();
     } catch (const std::exception& e) {
-      throw std::runtime_error("OpenVINO: segment " + s.name + " at batch " + std::to_string(batch) +
+      throw std::runtime_error("OpenVINO: segment " + sg.name + " at batch " + std::to_string(batch) +
                                " failed: " + e.what());
     }
   }
 
- private:
   static void bind(Variant& v, Port& p, int batch, void* data) {
     // The exit loop hands the same buffers to the same segment call after call; set_tensor's
     // validation is a measurable part of a small segment's run time, so only changes are bound.
@@ -122,14 +137,13 @@ class OpenVinoEngine final : public Engine {
     p.bound_batch = size_t(batch);
   }
 
-  Variant& pick(int seg, int batch) {
-    Segment& sg = segs_[seg];
+  Variant& pick(Segment& sg, int batch) {
     if (batch < 1 || batch > o_.max_batch)
       throw std::runtime_error("batch outside 1.." + std::to_string(o_.max_batch));
     auto it = sg.fixed.find(batch);
     if (it != sg.fixed.end()) return *it->second;
     if (sg.fixed.size() < kMaxStatic && ++sg.hits[size_t(batch)] >= kPromoteAfter) {
-      return *sg.fixed.emplace(batch, compile(seg, batch)).first->second;
+      return *sg.fixed.emplace(batch, compile(sg, batch)).first->second;
     }
     return *sg.dynamic;
   }
@@ -138,22 +152,94 @@ class OpenVinoEngine final : public Engine {
     const SegmentDesc& s = m_.segments[seg];
     const std::string path = m_.verified_path("segment " + s.name, s.file, s.sha256);
     Segment& sg = segs_[seg];
+    sg.name = s.name;
+    sg.inputs = s.inputs;
+    sg.outputs = s.outputs;
     try {
       sg.source = core_.read_model(path);
-      sg.dynamic = compile(seg, 0);
-      sg.hits.assign(size_t(o_.max_batch) + 1, 0);
-      sg.ready = true;
+      prepare(sg);
     } catch (const std::exception& e) {
       throw std::runtime_error("OpenVINO: cannot compile segment " + s.name + " from " + s.file + ": " + e.what());
     }
   }
 
+  void prepare(Segment& sg) {
+    sg.dynamic = compile(sg, 0);
+    sg.hits.assign(size_t(o_.max_batch) + 1, 0);
+    sg.ready = true;
+  }
+
+  // The static policy's whole path as one ov::Model, stitched from the segments' own graphs (the
+  // manifest stays the only contract: no extra ONNX file). Each layer's `u` output is left out,
+  // so OpenVINO drops its UEM as dead code; what remains computes exactly what the chain does.
+  Segment fuse(int layers) {
+    const int n_layers = m_.model.depth;
+    if (layers < 1 || layers > n_layers)
+      throw std::invalid_argument("static layer must be in 1.." + std::to_string(n_layers));
+    const std::string name = "static_" + std::to_string(layers);
+    Segment out;
+    out.name = name + " (stem, layer_1..layer_" + std::to_string(layers) + ", head fused)";
+    try {
+      for (int i = 0; i < 2 + layers; ++i) {
+        const int seg = i <= layers ? i : head_index();
+        if (!segs_[seg].ready) load(seg);
+      }
+      std::shared_ptr<ov::Model> stem = segs_[0].source->clone();
+      ov::Output<ov::Node> h = produced(*stem, "h"), temb = produced(*stem, "temb");
+      std::vector<ov::Output<ov::Node>> saved;
+      for (int i = 1; i <= layers; ++i) {
+        const SegmentDesc& d = m_.segments[i];
+        std::shared_ptr<ov::Model> layer = segs_[i].source->clone();
+        feed(*layer, "h_in", h);
+        feed(*layer, "temb", temb);
+        if (d.skip_from) feed(*layer, "skip", saved[size_t(d.skip_from - 1)]);
+        h = produced(*layer, "h_out");
+        if (d.block == "in") saved.push_back(h);
+      }
+      std::shared_ptr<ov::Model> head = segs_[head_index()].source->clone();
+      feed(*head, "h", h);
+      auto eps = std::make_shared<ov::op::v0::Result>(produced(*head, "eps"));
+      eps->output(0).get_tensor().set_names({"eps"});
+      out.source = std::make_shared<ov::Model>(ov::ResultVector{eps}, stem->get_parameters(), name);
+      out.inputs = m_.segments[0].inputs;
+      out.outputs = {m_.segments[size_t(head_index())].outputs.at(0)};
+      prepare(out);
+    } catch (const std::exception& e) {
+      throw std::runtime_error("OpenVINO: cannot fuse " + out.name + ": " + e.what());
+    }
+    return out;
+  }
+
+  int head_index() const { return int(m_.segments.size()) - 2; }
+
+  // The value a model's named output carries, its name dropped: the stitched model reuses the
+  // segments' tensor names (every layer has an h_out) and only its own inputs and output keep one.
+  static ov::Output<ov::Node> produced(const ov::Model& model, const std::string& name) {
+    for (const auto& r : model.get_results()) {
+      if (r->output(0).get_names().count(name)) {
+        ov::Output<ov::Node> v = r->input_value(0);
+        v.get_tensor().set_names({});
+        return v;
+      }
+    }
+    throw std::runtime_error("model " + model.get_friendly_name() + " has no output " + name);
+  }
+
+  // Replaces a model's named input by `value`: every consumer of the parameter reads `value`.
+  static void feed(const ov::Model& model, const std::string& name, const ov::Output<ov::Node>& value) {
+    for (const auto& p : model.get_parameters()) {
+      if (p->output(0).get_names().count(name)) {
+        p->output(0).replace(value);
+        return;
+      }
+    }
+    throw std::runtime_error("model " + model.get_friendly_name() + " has no input " + name);
+  }
+
   // batch 0: the bounded dynamic batch 1..max_batch; otherwise that static batch.
-  std::unique_ptr<Variant> compile(int seg, int batch) {
-    const SegmentDesc& s = m_.segments[seg];
-    Segment& sg = segs_[seg];
+  std::unique_ptr<Variant> compile(Segment& sg, int batch) {
     std::map<std::string, ov::PartialShape> shapes;
-    for (const TensorDesc& t : s.inputs) {
+    for (const TensorDesc& t : sg.inputs) {
       ov::PartialShape ps;
       ps.push_back(batch > 0 ? ov::Dimension(batch) : ov::Dimension(1, o_.max_batch));
       for (size_t d = 1; d < t.shape.size(); ++d) ps.push_back(ov::Dimension(t.shape[d]));
@@ -164,8 +250,8 @@ class OpenVinoEngine final : public Engine {
     auto v = std::make_unique<Variant>();
     v->model = core_.compile_model(model, "CPU", config_);
     v->request = v->model.create_infer_request();
-    for (const TensorDesc& t : s.inputs) v->inputs.push_back(port(v->model.input(t.name), t));
-    for (const TensorDesc& t : s.outputs) v->outputs.push_back(port(v->model.output(t.name), t));
+    for (const TensorDesc& t : sg.inputs) v->inputs.push_back(port(v->model.input(t.name), t));
+    for (const TensorDesc& t : sg.outputs) v->outputs.push_back(port(v->model.output(t.name), t));
     return v;
   }
 
@@ -183,6 +269,7 @@ class OpenVinoEngine final : public Engine {
   ov::Core core_;
   ov::AnyMap config_;
   std::vector<Segment> segs_;
+  std::map<int, Segment> fused_;  // static exit layer -> stem..layer..head as one model
 };
 
 }  // namespace

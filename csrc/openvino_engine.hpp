@@ -13,6 +13,7 @@ struct OpenVinoOptions {
   int threads = 0;                 // 0: OpenVINO's default
   std::string cache_dir;           // empty: no compiled-model cache
   int max_batch = 1;               // upper bound of the dynamic batch
+  bool fuse_static = true;         // the static policy runs stem..layer L..head as one compiled graph
 };
 
 bool openvino_compiled();

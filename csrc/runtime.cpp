@@ -1,5 +1,7 @@
 #include "runtime.hpp"
 
+#include <algorithm>
+
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -70,6 +72,7 @@ Runtime::Runtime(Manifest manifest, std::unique_ptr<Ops> ops, std::unique_ptr<En
   eps_out_ = Buffer(o, cap_ * img_ * f);
   u_all_ = Buffer(o, cap_ * n_layers_ * f);
   exit_layer_ = Buffer(o, cap_ * i64);
+  static_layers_.assign(size_t(cap_), 0);
   for (auto& b : temb_) b = Buffer(o, cap_ * dim_ * f);
   for (auto& b : active_) b = Buffer(o, cap_ * i32);
   for (auto& b : count_) b = Buffer(o, cap_ * i32);
@@ -159,13 +162,18 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
   int tb = 0, ab = 0;
 
   const SegmentDesc& stem = m_.segments[0];
+  void* in[3] = {nullptr, nullptr, nullptr};
+  in[stem.input_index("x")] = const_cast<void*>(x);
+  in[stem.input_index("t")] = t_in_.as();
+  if (m_.model.conditional()) in[stem.input_index("y")] = y_in_.as();
+  if (base.policy == Policy::Static && engine_->run_static(base.static_layer, n, in, eps_out_.as())) {
+    std::fill_n(static_layers_.begin(), n, int64_t(base.static_layer));
+    ops_->upload(exit_layer, static_layers_.data(), size_t(n) * sizeof(int64_t));
+    return;
+  }
   int hcur = take();
   {
-    void* in[3] = {nullptr, nullptr, nullptr};
     void* out[2] = {nullptr, nullptr};
-    in[stem.input_index("x")] = const_cast<void*>(x);
-    in[stem.input_index("t")] = t_in_.as();
-    if (m_.model.conditional()) in[stem.input_index("y")] = y_in_.as();
     out[stem.output_index("h")] = hidden_[hcur].as();
     out[stem.output_index("temb")] = temb_[tb].as();
     engine_->run(0, n, in, out);

@@ -78,6 +78,7 @@ class Runtime {
 
   Buffer x_in_, t_in_, y_in_, u_, score_, eps_head_, eps_out_, u_all_, exit_layer_;
   Buffer temb_[2];
+  std::vector<int64_t> static_layers_;  // host: the exit layers a fused static run reports
   Buffer active_[2], count_[2], exit_idx_, exit_dest_, keep_idx_, exit_count_;
   Buffer x_state_, x0_prev_, eps_cfg_, u_map_;
   std::vector<Buffer> hidden_;

@@ -49,13 +49,33 @@ def test_uem_matches_oracle(rt, model, batch, granularity):
     assert_parity(rt, model, x, t, y, policy="uem", threshold=thr, granularity=granularity)
 
 
+@pytest.fixture(scope="module")
+def rt_chained(engines):
+    """Static exit through the chain of segments instead of OpenVINO's fused static graph."""
+    return adadiff_rt.Runtime(str(engines), threads=1, fuse_static=False)
+
+
 @pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
 @pytest.mark.parametrize("static_layer", [0, 2, 3])
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
-def test_static_matches_oracle(rt, model, batch, static_layer, granularity):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "chained"])
+def test_static_matches_oracle(rt, rt_chained, model, batch, static_layer, granularity, fused):
     x, t, y = inputs(model, batch, seed=10 + batch)
-    layer = assert_parity(rt, model, x, t, y, policy="static", static_layer=static_layer, granularity=granularity)
+    runtime = rt if fused else rt_chained
+    layer = assert_parity(runtime, model, x, t, y, policy="static", static_layer=static_layer, granularity=granularity)
     assert (layer == (static_layer or model.depth)).all()
+
+
+def test_static_sample_matches_python_samplers(rt, model):
+    """The fused static graph inside the C++ sampling loop, guidance doubling the rows."""
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    y = torch.tensor([2, 5, 0])
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler="dpm++", steps=4, guidance=2.0, policy="static",
+                             static_layer=2)
+    den = EarlyExitDenoiser(model, ExitPolicy(kind="static", layer=2))
+    ref = py_sample("dpm++", guided(den, 2.0, model.config.num_classes), noise.clone(), VPSchedule(), 4, y=y)
+    assert (used == 2).all() and used.shape == (4, 6)
+    assert rel_err(images, ref.numpy()) <= TOL
 
 
 @pytest.mark.parametrize("patience", [1, 2])
