@@ -155,25 +155,32 @@ class EvalPoint:
     fd: float
     mean_layers: float
     seconds: float
+    layer: Optional[int] = None  # set on the static-exit points of `evaluate(layers=...)`
 
     def as_dict(self, with_threshold: bool = True) -> Dict[str, float]:
         d = {"accuracy": round(self.accuracy, 5), "fd": round(self.fd, 5), "mean_layers": round(self.mean_layers, 4)}
+        if self.layer is not None:
+            return {"layer": self.layer, **d}
         return {"threshold": self.threshold, **d} if with_threshold else d
 
 
-def measure(clf: LoadedClassifier, result: GenerationResult, threshold: Optional[float]) -> EvalPoint:
+def measure(clf: LoadedClassifier, result: GenerationResult, threshold: Optional[float],
+            layer: Optional[int] = None) -> EvalPoint:
     """Accuracy (when conditional), FD to the real test set and mean layers of one generation."""
     acc = class_accuracy(clf, result.images, result.labels) if result.labels is not None else float("nan")
-    return EvalPoint(threshold, acc, fd_to_test_set(clf, result.images), result.mean_layers, result.seconds)
+    return EvalPoint(threshold, acc, fd_to_test_set(clf, result.images), result.mean_layers, result.seconds, layer)
 
 
 def evaluate(loaded: Loaded, clf: LoadedClassifier, n: int, thresholds: Sequence[float],
              policy: ExitPolicy = ExitPolicy("uem"), sampler: str = "dpm++", steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100,
-             progress: bool = True) -> Tuple[EvalPoint, List[EvalPoint]]:
-    """Full depth, then `policy` at each threshold, on the same noise and labels."""
+             progress: bool = True, layers: Sequence[int] = ()) -> Tuple[EvalPoint, List[EvalPoint]]:
+    """Full depth, then `policy` at each threshold, then static exit at each of `layers` (points with
+    `layer` set), all on the same noise and labels."""
     kw = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress)
     full = measure(clf, generate(loaded, n, FULL_DEPTH, desc="full depth", **kw), None)
     points = [measure(clf, generate(loaded, n, replace(policy, threshold=t), desc=f"threshold {t:g}", **kw), t)
               for t in thresholds]
+    points += [measure(clf, generate(loaded, n, ExitPolicy("static", layer=k), desc=f"static L{k}", **kw), None, k)
+               for k in layers]
     return full, points

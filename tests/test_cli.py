@@ -92,8 +92,11 @@ def test_evaluate_json_and_sweep(tiny_checkpoint: Path, tmp_path: Path, capsys):
     clf_path = tmp_path / "clf.pt"
     save_classifier(clf, clf_path, 0.1, feature_stats(clf, torch.rand(50, 1, 8, 8) * 2 - 1), {})
     rc, out, _ = _run(capsys, "evaluate", str(tiny_checkpoint), "--n", "20", "--steps", "2", "--batch-size", "8",
-                      "--classifier", str(clf_path), "--sweep", "0.3,1", "--json")
+                      "--classifier", str(clf_path), "--sweep", "0.3,1", "--layers", "2,5", "--json")
     assert rc == 0
+    assert [(p["layer"], p["mean_layers"]) for p in _last_json(out)["static"]] == [(2, 2.0), (5, 5.0)]
+    # static at full depth is full depth: the same images, so the same quality
+    assert _last_json(out)["static"][1]["fd"] == pytest.approx(_last_json(out)["full"]["fd"], rel=1e-6)
     rec = _last_json(out)
     assert set(rec["full"]) == {"accuracy", "fd", "mean_layers"}
     assert set(rec["exit"]) == {"threshold", "accuracy", "fd", "mean_layers"}
