@@ -467,12 +467,17 @@ def ensure_engines(checkpoint: Path, folder: Path, max_batch: int) -> Path:
     return Path(folder)
 
 
-def open_runtime(engines: Path, threads: int):
+def open_runtime(engines: Path, threads: int, fuse_static: bool = True):
+    """adadiff_rt on OpenVINO, f32; `fuse_static=False` runs static exit through the segment chain."""
     try:
         import adadiff_rt
     except ImportError as e:
         raise ValueError(f"bench needs the compiled adadiff_rt module ({e}); build it with `pip install .`") from None
-    return adadiff_rt.Runtime(str(engines), device="cpu", engine="openvino", precision="fp32", threads=threads)
+    kw = {} if fuse_static else dict(fuse_static=False)
+    return adadiff_rt.Runtime(str(engines), device="cpu", engine="openvino", precision="fp32", threads=threads, **kw)
+
+
+CHAINED = "segments chained (fuse_static=False)"
 
 
 # ----- one timing cell ------------------------------------------------------------------------
@@ -546,7 +551,7 @@ def _saturation(loaded: Loaded, runtime, rt_sat: bool, threshold: float, rt: dic
                             note=note, **py, **kw)
 
 
-def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: float, w: float,
+def _contenders(loaded: Loaded, engines: Path, runtime, chained, cfg: BenchConfig, thr: float, w: float,
                 static_layer: int, sat_threshold: float, sweep: Sequence[float], rt_sat: bool) -> List[Contender]:
     """Every peer and every setting of ours, in table order."""
     m, n, null = loaded.model, loaded.model.depth, loaded.model.config.num_classes
@@ -563,6 +568,8 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: f
         rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
         rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
         rt_contender(runtime, RtSetting("static", static_layer=static_layer), note="matched layer budget", **rt),
+        rt_contender(chained, RtSetting("static", static_layer=static_layer), note=f"matched layer budget; {CHAINED}",
+                     **rt),
         _saturation(loaded, runtime, rt_sat, sat_threshold, rt, py, note="matched layer budget"),
     ]
     for t in sweep:
@@ -659,7 +666,7 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     figs = _figures(loaded, quality, thr, w, sat_thr, cfg, "adadiff_rt" if rt_sat else "PyTorch oracle")
     matched = quality[f"uem/sample/{thr:g}"].mean_layers
     static_layer = max(1, min(loaded.model.depth, int(round(matched))))
-    cts = _contenders(loaded, engines, runtime, cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep, rt_sat)
+    cts = _contenders(loaded, engines, runtime, open_runtime(engines, cfg.threads, fuse_static=False), cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep, rt_sat)
     real = _real_images(loaded)
     rows: List[Row] = []
     total = sum(len(_cell_contenders(cts, wl, b, cfg)) for wl, b in _cells(cfg)) * cfg.repeats
@@ -748,6 +755,8 @@ def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) 
         python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         rt_contender(runtime, RtSetting("static", static_layer=static_layer), note=note, **rt),
+        rt_contender(open_runtime(engines, cfg.threads, fuse_static=False), RtSetting("static", static_layer=static_layer),
+                     note=f"{note}; {CHAINED}", **rt),
     ]
     rows: List[Row] = []
     bar = tqdm(total=len(cts) * cfg.repeats * len(cfg.cifar_batches), desc="uvit-s-cifar10", disable=not progress)

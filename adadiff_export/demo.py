@@ -98,9 +98,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
     print(f"[2/4] sampling {cfg.n} images per setting (batch {chunk}, {cfg.steps} steps, guidance {w:g})")
     results: Dict[str, Quality] = {}
     cts = _contenders(loaded, cfg.engines, runtime, cfg, thr, w)
+    shape = (c.in_chans, c.img_size, c.img_size)
     for name, ct in tqdm(cts.items(), desc="settings", disable=not progress):
-        results[name] = measure_quality(ct.sample, clf, (c.in_chans, c.img_size, c.img_size), c.num_classes, cfg.n,
-                                        chunk, cfg.steps, cfg.seed)
+        results[name] = measure_quality(ct.sample, clf, shape, c.num_classes, cfg.n, chunk, cfg.steps, cfg.seed)
+    # The baseline a learned exit has to beat: every sample stops after the same layer, at the
+    # default's layer budget (OpenVINO runs it as one fused graph).
+    static = max(1, min(c.depth, int(round(results[RT_DEFAULT].mean_layers))))
+    ct = rt_contender(runtime, RtSetting("static", static_layer=static), steps=cfg.steps, guidance=w, seed=cfg.seed)
+    results[f"adadiff_rt, static exit after layer {static}"] = measure_quality(ct.sample, clf, shape, c.num_classes,
+                                                                               cfg.n, chunk, cfg.steps, cfg.seed)
     print(f"[3/4] results on {machine_line(machine())}")
     print(table(results, loaded.model.depth, cfg.steps))
     print(f"default threshold: {thr:g}")
