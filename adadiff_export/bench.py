@@ -339,6 +339,15 @@ def _oracle_layers(fn: EarlyExitDenoiser, b: int) -> np.ndarray:
     return fn.history[-1].numpy()
 
 
+def static_contenders(runtime, engines: Path, threads: int, layer: int, note: str, **rt) -> List[Contender]:
+    """Static exit at `layer` as adadiff_rt runs it (one fused OpenVINO graph) and with the segments chained
+    (a second Runtime with fuse_static=False): what fusion buys."""
+    chained = open_runtime(engines, threads, fuse_static=False)
+    return [rt_contender(runtime, RtSetting("static", static_layer=layer), note=note, **rt),
+            rt_contender(chained, RtSetting("static", static_layer=layer),
+                         note=f"{note}; segments chained (fuse_static=False)", **rt)]
+
+
 def rt_contender(runtime, s: RtSetting, steps: int, guidance: float, seed: int, **kw) -> Contender:
     den, smp = rt_denoise(runtime, s), rt_sample(runtime, s, steps, guidance, seed)
     policy = "full" if s.policy == "uem" and s.threshold == 0 else s.policy
@@ -473,11 +482,8 @@ def open_runtime(engines: Path, threads: int, fuse_static: bool = True):
         import adadiff_rt
     except ImportError as e:
         raise ValueError(f"bench needs the compiled adadiff_rt module ({e}); build it with `pip install .`") from None
-    kw = {} if fuse_static else dict(fuse_static=False)
-    return adadiff_rt.Runtime(str(engines), device="cpu", engine="openvino", precision="fp32", threads=threads, **kw)
-
-
-CHAINED = "segments chained (fuse_static=False)"
+    return adadiff_rt.Runtime(str(engines), device="cpu", engine="openvino", precision="fp32", threads=threads,
+                              fuse_static=fuse_static)
 
 
 # ----- one timing cell ------------------------------------------------------------------------
@@ -551,7 +557,7 @@ def _saturation(loaded: Loaded, runtime, rt_sat: bool, threshold: float, rt: dic
                             note=note, **py, **kw)
 
 
-def _contenders(loaded: Loaded, engines: Path, runtime, chained, cfg: BenchConfig, thr: float, w: float,
+def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: float, w: float,
                 static_layer: int, sat_threshold: float, sweep: Sequence[float], rt_sat: bool) -> List[Contender]:
     """Every peer and every setting of ours, in table order."""
     m, n, null = loaded.model, loaded.model.depth, loaded.model.config.num_classes
@@ -567,9 +573,7 @@ def _contenders(loaded: Loaded, engines: Path, runtime, chained, cfg: BenchConfi
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
         rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
-        rt_contender(runtime, RtSetting("static", static_layer=static_layer), note="matched layer budget", **rt),
-        rt_contender(chained, RtSetting("static", static_layer=static_layer), note=f"matched layer budget; {CHAINED}",
-                     **rt),
+        *static_contenders(runtime, engines, cfg.threads, static_layer, "matched layer budget", **rt),
         _saturation(loaded, runtime, rt_sat, sat_threshold, rt, py, note="matched layer budget"),
     ]
     for t in sweep:
@@ -666,7 +670,7 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     figs = _figures(loaded, quality, thr, w, sat_thr, cfg, "adadiff_rt" if rt_sat else "PyTorch oracle")
     matched = quality[f"uem/sample/{thr:g}"].mean_layers
     static_layer = max(1, min(loaded.model.depth, int(round(matched))))
-    cts = _contenders(loaded, engines, runtime, open_runtime(engines, cfg.threads, fuse_static=False), cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep, rt_sat)
+    cts = _contenders(loaded, engines, runtime, cfg, thr, w, static_layer, sat_thr[f"{thr:g}"], sweep, rt_sat)
     real = _real_images(loaded)
     rows: List[Row] = []
     total = sum(len(_cell_contenders(cts, wl, b, cfg)) for wl, b in _cells(cfg)) * cfg.repeats
@@ -754,9 +758,7 @@ def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) 
         python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
         python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
-        rt_contender(runtime, RtSetting("static", static_layer=static_layer), note=note, **rt),
-        rt_contender(open_runtime(engines, cfg.threads, fuse_static=False), RtSetting("static", static_layer=static_layer),
-                     note=f"{note}; {CHAINED}", **rt),
+        *static_contenders(runtime, engines, cfg.threads, static_layer, note, **rt),
     ]
     rows: List[Row] = []
     bar = tqdm(total=len(cts) * cfg.repeats * len(cfg.cifar_batches), desc="uvit-s-cifar10", disable=not progress)

@@ -7,7 +7,7 @@ peer or a profile compiled any other way would compare unlike with like.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 
 def config(threads: Optional[int] = None) -> Dict[str, object]:
@@ -18,13 +18,18 @@ def config(threads: Optional[int] = None) -> Dict[str, object]:
     return cfg
 
 
-def compile_static(path: Path, batch: int, threads: Optional[int] = None, extra: Optional[Dict[str, object]] = None):
+def compile_static(path: Path, batch: int, threads: Optional[int] = None, extra: Optional[Dict[str, object]] = None,
+                   drop_outputs: Sequence[str] = ()):
     """`path` (ONNX with a dynamic batch) compiled for exactly `batch` rows, with `extra` properties on top
-    (e.g. PERF_COUNT); returns the ov.CompiledModel."""
+    (e.g. PERF_COUNT) and without the outputs named in `drop_outputs` (OpenVINO then drops what only they
+    needed); returns the ov.CompiledModel."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(path))
+    for r in list(model.get_results()):
+        if r.output(0).get_names() & set(drop_outputs):
+            model.remove_result(r)
     model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
                    for p in model.inputs})
     return core.compile_model(model, "CPU", {**config(threads), **(extra or {})})

@@ -180,10 +180,7 @@ class OpenVinoEngine final : public Engine {
     Segment out;
     out.name = name + " (stem, layer_1..layer_" + std::to_string(layers) + ", head fused)";
     try {
-      for (int i = 0; i < 2 + layers; ++i) {
-        const int seg = i <= layers ? i : head_index();
-        if (!segs_[seg].ready) load(seg);
-      }
+      // stem, layers and head were all loaded by the constructor (only `full` is loaded lazily)
       std::shared_ptr<ov::Model> stem = segs_[0].source->clone();
       ov::Output<ov::Node> h = produced(*stem, "h"), temb = produced(*stem, "temb");
       std::vector<ov::Output<ov::Node>> saved;

@@ -155,6 +155,13 @@ void Runtime::check_inputs(const char* fn, int batch, const float* x, const floa
   }
 }
 
+void Runtime::model_inputs(const SegmentDesc& s, const void* x, void* in[3]) {
+  in[0] = in[1] = in[2] = nullptr;
+  in[s.input_index("x")] = const_cast<void*>(x);
+  in[s.input_index("t")] = t_in_.as();
+  if (m_.model.conditional()) in[s.input_index("y")] = y_in_.as();
+}
+
 void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_t* exit_layer) {
   free_.clear();
   for (int i = int(hidden_.size()) - 1; i >= 0; --i) free_.push_back(i);
@@ -162,10 +169,8 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
   int tb = 0, ab = 0;
 
   const SegmentDesc& stem = m_.segments[0];
-  void* in[3] = {nullptr, nullptr, nullptr};
-  in[stem.input_index("x")] = const_cast<void*>(x);
-  in[stem.input_index("t")] = t_in_.as();
-  if (m_.model.conditional()) in[stem.input_index("y")] = y_in_.as();
+  void* in[3];
+  model_inputs(stem, x, in);
   if (base.policy == Policy::Static && engine_->run_static(base.static_layer, n, in, eps_out_.as())) {
     std::fill_n(static_layers_.begin(), n, int64_t(base.static_layer));
     ops_->upload(exit_layer, static_layers_.data(), size_t(n) * sizeof(int64_t));
@@ -294,12 +299,9 @@ void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, 
   ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
   ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
   if (y) ops_->upload(y_in_.as(), y, size_t(batch) * sizeof(int64_t));
-  const SegmentDesc& seg = m_.segments[seg_full_];
-  void* in[3] = {nullptr, nullptr, nullptr};
+  void* in[3];
   void* out[1] = {eps_out_.as()};
-  in[seg.input_index("x")] = x_in_.as();
-  in[seg.input_index("t")] = t_in_.as();
-  if (m_.model.conditional()) in[seg.input_index("y")] = y_in_.as();
+  model_inputs(m_.segments[seg_full_], x_in_.as(), in);
   engine_->run(seg_full_, batch, in, out);
   ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
 }

@@ -64,6 +64,8 @@ class Runtime {
   // The exit loop: x/t/y in runtime buffers (n rows); eps into eps_out_, layers into exit_layer
   // (runtime memory, n entries), u into u_all_.
   void run_exit_loop(int n, const void* x, const ExitParams& p, int64_t* exit_layer);
+  // The model's inputs (x, t_in_, y_in_ when conditional) in `s`'s input order: stem and full share them.
+  void model_inputs(const SegmentDesc& s, const void* x, void* in[3]);
   int take();
   void give(int id);
 

@@ -112,27 +112,14 @@ def main(argv=None) -> int:
     cases = {}
     for n in layers:
         cases[n] = (lambda r=_request(compiled(n), feeds[n]): r.infer())
-        cases[n + "-u"] = (lambda r=_request(_without_u(files[n], a.batch, a.threads), feeds[n]): r.infer())
+        without_u = compile_static(files[n], a.batch, a.threads, drop_outputs=("u",))
+        cases[n + "-u"] = (lambda r=_request(without_u, feeds[n]): r.infer())
     t = _rounds(cases, a.rounds)
     per_layer = [1e3 * (t[n] - t[n + "-u"]) for n in layers]
     print(f"3. each layer's UEM (the layer compiled with and without its u output, all in rotation): "
           f"{statistics.mean(per_layer):.0f} us per layer on average, {sum(per_layer) / 1e3:.3f} ms over {len(layers)} "
           f"layers (min {min(per_layer):.0f}, max {max(per_layer):.0f} us)")
     return 0
-
-
-def _without_u(path: Path, batch: int, threads: int):
-    """A layer segment compiled like compile_static but with its `u` output removed, so OpenVINO drops the UEM."""
-    from adadiff_export.openvino_cpu import config
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    for r in list(model.get_results()):
-        if "u" in r.output(0).get_names():
-            model.remove_result(r)
-    model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
-                   for p in model.inputs})
-    return core.compile_model(model, "CPU", config(threads))
 
 
 if __name__ == "__main__":
