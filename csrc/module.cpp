@@ -45,7 +45,7 @@ class PyRuntime {
  public:
   PyRuntime(const std::string& dir, const std::string& device, const std::string& engine, const std::string& precision,
             int threads, std::optional<py::dict> segments, std::optional<std::string> cache_dir, int device_id,
-            bool fuse_static) {
+            bool fuse_static, bool fuse_exit) {
     if (threads < 0) throw py::value_error("threads must be >= 0, got " + std::to_string(threads));
     Manifest m = load_manifest(dir);
     std::unique_ptr<Ops> ops;
@@ -68,6 +68,7 @@ class PyRuntime {
       o.threads = threads;
       o.max_batch = cap;
       o.fuse_static = fuse_static;
+      o.fuse_exit = fuse_exit;
       if (cache_dir) {
         o.cache_dir = *cache_dir;
       } else if (access(dir.c_str(), W_OK) == 0) {
@@ -166,6 +167,7 @@ class PyRuntime {
 
   const Manifest& manifest() const { return rt_->manifest(); }
   std::string engine_name() const { return rt_->engine().name(); }
+  int64_t engine_calls() const { return rt_->engine_calls(); }
   const std::string& device() const { return device_; }
 
  private:
@@ -241,7 +243,7 @@ PYBIND11_MODULE(adadiff_rt, mod) {
 An engines folder loaded for inference.
 
 Runtime(engines_dir, device="cpu", engine="auto", precision="fp32", threads=0, *, segments=None,
-        cache_dir=None, device_id=0, fuse_static=True)
+        cache_dir=None, device_id=0, fuse_static=True, fuse_exit=True)
 
 engine: "auto" (OpenVINO on cpu, TensorRT on cuda, "dlpack" when segments is given), "openvino",
 "tensorrt" or "dlpack" (segments = {segment name: callable(*DLPack inputs) -> outputs}).
@@ -250,13 +252,18 @@ threads (0 = its default). cache_dir: OpenVINO compiled-model cache (default
 <engines_dir>/openvino_cache when writable, "" disables it). fuse_static: OpenVINO runs the
 static policy's stem, layers 1..L and head as one compiled graph (stitched from the segments; the
 same results, without a call per segment); False chains the segments as the other policies do.
+fuse_exit: OpenVINO runs the uem policy as one compiled graph that tests u after every layer itself
+and skips the layers left once every row has exited (whole-batch exit at any batch, per-row exit
+for up to 2 rows, where it saves the per-segment calls that compaction cannot); False always
+chains the segments.
 Every file is checked against its sha256 in manifest.json before use.
 )doc")
       .def(py::init<const std::string&, const std::string&, const std::string&, const std::string&, int,
-                    std::optional<py::dict>, std::optional<std::string>, int, bool>(),
+                    std::optional<py::dict>, std::optional<std::string>, int, bool, bool>(),
            py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("engine") = "auto", py::arg("precision") = "fp32",
            py::arg("threads") = 0, py::kw_only(), py::arg("segments") = py::none(), py::arg("cache_dir") = py::none(),
-           py::arg("device_id") = 0, py::arg("fuse_static") = true)
+           py::arg("device_id") = 0, py::arg("fuse_static") = true,
+           py::arg("fuse_exit") = true)
       .def("denoise", &PyRuntime::denoise, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("policy") = "uem", py::arg("threshold") = py::none(), py::arg("patience") = 1,
            py::arg("granularity") = "sample", py::arg("static_layer") = 0,
@@ -283,5 +290,8 @@ under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's
       .def_property_readonly("depth", [](const PyRuntime& r) { return r.manifest().model.depth; })
       .def_property_readonly("model", [](const PyRuntime& r) { return model_dict(r.manifest()); })
       .def_property_readonly("default_threshold", [](const PyRuntime& r) { return r.manifest().exit.threshold; })
-      .def_property_readonly("default_guidance", [](const PyRuntime& r) { return r.manifest().exit.guidance; });
+      .def_property_readonly("default_guidance", [](const PyRuntime& r) { return r.manifest().exit.guidance; })
+      .def_property_readonly("engine_calls", &PyRuntime::engine_calls,
+                             "Engine executions made by the last denoise, sample or full call: one per segment "
+                             "run when the segments are chained, one per forward for a fused static or exit graph.");
 }

@@ -1,16 +1,32 @@
 // OpenVINO on CPU: each ONNX segment compiled with a bounded dynamic batch, plus static-batch
 // variants for recurring batch sizes; every run binds ov::Tensor views over the runtime's own
-// buffers, so segments hand data to each other in place.
+// buffers, so segments hand data to each other in place. Where no decision needs the host, whole
+// forwards are stitched from the segments into one graph: static exit (fuse) and the uem exit
+// loop with its tests inside the graph (exit_graph).
 #include "openvino_engine.hpp"
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #ifdef ADADIFF_WITH_OPENVINO
+#include <openvino/op/add.hpp>
+#include <openvino/op/concat.hpp>
+#include <openvino/op/constant.hpp>
+#include <openvino/op/greater_eq.hpp>
+#include <openvino/op/if.hpp>
+#include <openvino/op/less.hpp>
+#include <openvino/op/parameter.hpp>
+#include <openvino/op/reduce_logical_and.hpp>
+#include <openvino/op/reduce_mean.hpp>
+#include <openvino/op/reshape.hpp>
 #include <openvino/op/result.hpp>
+#include <openvino/op/select.hpp>
+#include <openvino/op/unsqueeze.hpp>
 #include <openvino/runtime/core.hpp>
 #include <openvino/runtime/intel_cpu/properties.hpp>
 #include <openvino/runtime/properties.hpp>
@@ -76,6 +92,69 @@ struct Segment {
 constexpr uint32_t kPromoteAfter = 3;
 // Each variant costs a compile (about 50-400 ms here, cached on disk with cache_dir) and memory.
 constexpr size_t kMaxStatic = 4;
+// The exit graph carries rows that have exited to the end of the forward (computed, discarded).
+// For one or two rows (batch-1 sampling under guidance: both rows share t, on which the UEM's
+// decision mostly depends) that waste is small beside the 15 engine calls it saves; for more rows
+// compaction in the chained loop saves more.
+constexpr int kExitGraphRows = 2;
+// Exit graphs are compiled per (rows exit alone, patience, batch), each about 1 s and a model's
+// weights in memory; past this many the runtime chains the segments instead.
+constexpr size_t kMaxExitGraphs = 8;
+
+using Value = ov::Output<ov::Node>;
+
+Value constant(const ov::Shape& shape, float v) {
+  return ov::op::v0::Constant::create(ov::element::f32, shape, std::vector<float>{v})->output(0);
+}
+
+Value axes(std::vector<int64_t> a) { return ov::op::v0::Constant::create(ov::element::i64, {a.size()}, a)->output(0); }
+
+// One branch of an ov If: parameters, each fed from a value of the enclosing graph, and results.
+struct Branch {
+  ov::ParameterVector params;
+  std::vector<Value> sources;
+  ov::ResultVector results;
+
+  Value take(const Value& outer) {
+    auto p = std::make_shared<ov::op::v0::Parameter>(outer.get_element_type(), outer.get_partial_shape());
+    adopt(p, outer);
+    return p->output(0);
+  }
+  void adopt(const std::shared_ptr<ov::op::v0::Parameter>& p, const Value& outer) {
+    params.push_back(p);
+    sources.push_back(outer);
+  }
+  void give(const Value& v) { results.push_back(std::make_shared<ov::op::v0::Result>(v)); }
+};
+
+// `cond` ? then : otherwise, as one If node; returns its outputs (the branches' results, in order).
+std::vector<Value> branch(const Value& cond, Branch& then, Branch& otherwise) {
+  auto node = std::make_shared<ov::op::v8::If>(cond);
+  node->set_then_body(std::make_shared<ov::Model>(then.results, then.params));
+  node->set_else_body(std::make_shared<ov::Model>(otherwise.results, otherwise.params));
+  for (size_t k = 0; k < then.params.size(); ++k) node->set_input(then.sources[k], then.params[k], nullptr);
+  for (size_t k = 0; k < otherwise.params.size(); ++k)
+    node->set_input(otherwise.sources[k], nullptr, otherwise.params[k]);
+  std::vector<Value> outs;
+  for (size_t k = 0; k < then.results.size(); ++k) outs.push_back(node->set_output(then.results[k], otherwise.results[k]));
+  return outs;
+}
+
+// The per-layer u [B] as one tensor of the shape [B, N] the engine binds, but laid out layer by
+// layer (u of layer i for row r at flat index i * B + r): concatenating along the first axis is a
+// plain append; stacking them as columns cost about 2% of a batch-1 forward in a probe.
+Value layer_major(const std::vector<Value>& us, size_t batch, int n_layers) {
+  const Value flat = std::make_shared<ov::op::v0::Concat>(us, 0);
+  return std::make_shared<ov::op::v1::Reshape>(flat, axes({int64_t(batch), int64_t(n_layers)}), false);
+}
+
+// The branch's body inlined into the enclosing graph (the first layer: no row can have exited yet).
+std::vector<Value> inline_branch(Branch& b) {
+  for (size_t k = 0; k < b.params.size(); ++k) b.params[k]->output(0).replace(b.sources[k]);
+  std::vector<Value> outs;
+  for (const auto& r : b.results) outs.push_back(r->input_value(0));
+  return outs;
+}
 
 class OpenVinoEngine final : public Engine {
  public:
@@ -207,6 +286,135 @@ class OpenVinoEngine final : public Engine {
     return out;
   }
 
+  bool run_exit(const ExitGraphSpec& spec, int batch, void* const* in, float threshold, void* eps, void* u,
+                void* exit_layer) override {
+    if (!o_.fuse_exit || (spec.per_row && batch > kExitGraphRows)) return false;
+    const auto key = std::make_tuple(spec.per_row, spec.patience, batch);
+    auto it = exit_graphs_.find(key);
+    if (it == exit_graphs_.end()) {
+      if (exit_graphs_.size() >= kMaxExitGraphs) return false;
+      it = exit_graphs_.emplace(key, exit_graph(spec, batch)).first;
+    }
+    Variant& v = *it->second.fixed.at(batch);
+    // thr and the raw u are the graph's own business: they stay in the request's tensors.
+    *v.request.get_tensor("thr").data<float>() = threshold;
+    void* out[1] = {eps};
+    infer(it->second, batch, in, out);
+    const float* ran_u = v.request.get_tensor("u").data<float>();
+    // -inf marks a layer a row did not run (the graph's sentinel, see exit_graph); the chained
+    // loop's record has NaN there and for the last layer, whose u no decision reads.
+    const int n_layers = m_.model.depth;
+    float* u_out = static_cast<float*>(u);
+    int64_t* layers = static_cast<int64_t*>(exit_layer);
+    for (int r = 0; r < batch; ++r) {
+      int64_t ran = 0;
+      for (int i = 0; i < n_layers; ++i) {
+        const float value = ran_u[size_t(i) * size_t(batch) + size_t(r)];
+        const bool skipped = std::isinf(value) && value < 0;
+        ran += skipped ? 0 : 1;
+        u_out[size_t(r) * size_t(n_layers) + size_t(i)] = skipped || i == n_layers - 1 ? NAN : value;
+      }
+      layers[r] = ran;
+    }
+    return true;
+  }
+
+  // The `uem` exit loop as one ov::Model for one batch size, stitched from the segments' own
+  // graphs like fuse(): the stem, layer 1, then each later layer inside an If that runs it unless
+  // every row has exited and otherwise passes h through with u = -inf, then the head. The exit
+  // test is the chained loop's (decide_exits): u < threshold per row, or the batch mean of u for
+  // whole-batch exit, counted over `patience` consecutive layers; no test after the last layer.
+  // The test sits in the enclosing graph, on the If's outputs (h and u only): the -inf of a
+  // skipped layer is below any threshold, which keeps an exit sticky without a flag carried
+  // through the Ifs. Rows that exit while others run are frozen by a Select.
+  // Outputs eps and u with -inf where a row did not run a layer (run_exit turns that into the
+  // exit layer and NaN), laid out layer by layer (see layer_major).
+  Segment exit_graph(const ExitGraphSpec& spec, int batch) {
+    const int n_layers = m_.model.depth;
+    const size_t B = size_t(batch);
+    Segment out;
+    out.name = std::string("uem exit graph (") + (spec.per_row ? "rows exit alone" : "batch mean") + ", patience " +
+               std::to_string(spec.patience) + ")";
+    try {
+      std::shared_ptr<ov::Model> stem = segs_[0].source->clone();
+      const Value temb = produced(*stem, "temb");
+      auto thr = std::make_shared<ov::op::v0::Parameter>(ov::element::f32, ov::Shape{});
+      const Value skipped = constant({B}, -INFINITY);
+      Value h = produced(*stem, "h"), all_done, rows_done, count;
+      if (spec.patience > 1) count = constant(spec.per_row ? ov::Shape{B} : ov::Shape{}, 0.0f);
+      std::vector<Value> us, saved;
+      for (int i = 1; i <= n_layers; ++i) {
+        const SegmentDesc& d = m_.segments[size_t(i)];
+        std::shared_ptr<ov::Model> layer = segs_[size_t(i)].source->clone();
+        Branch run, pass;
+        for (const auto& p : layer->get_parameters()) {
+          const auto& names = p->output(0).get_names();
+          if (names.count("h_in")) {
+            run.adopt(p, h);
+          } else if (names.count("temb")) {
+            run.adopt(p, temb);
+          } else if (names.count("skip")) {
+            run.adopt(p, saved.at(size_t(d.skip_from - 1)));
+          } else {
+            throw std::runtime_error("layer_" + std::to_string(i) + " has an input the exit graph does not know");
+          }
+        }
+        run.give(produced(*layer, "h_out"));
+        run.give(produced(*layer, "u"));
+        pass.give(pass.take(h));
+        pass.give(skipped);
+        const std::vector<Value> o = i == 1 ? inline_branch(run) : branch(all_done, pass, run);
+        Value u = o[1];
+        if (spec.per_row && i > 1) {
+          const Value frozen = std::make_shared<ov::op::v0::Unsqueeze>(rows_done, axes({1, 2}));
+          h = std::make_shared<ov::op::v1::Select>(frozen, h, o[0]);
+          u = std::make_shared<ov::op::v1::Select>(rows_done, skipped, u);
+        } else {
+          h = o[0];
+        }
+        us.push_back(u);
+        if (d.block == "in") saved.push_back(h);
+        if (i == n_layers) break;
+        Value score = u;
+        if (!spec.per_row && B > 1) score = std::make_shared<ov::op::v1::ReduceMean>(u, axes({0}), true);
+        Value exits = std::make_shared<ov::op::v1::Less>(score, thr);
+        if (spec.patience > 1) {
+          const Value counted = std::make_shared<ov::op::v1::Add>(count, constant({}, 1.0f));
+          count = std::make_shared<ov::op::v1::Select>(exits, counted, constant({}, 0.0f));
+          exits = std::make_shared<ov::op::v1::GreaterEqual>(count, constant({}, float(spec.patience)));
+        }
+        if (spec.per_row) {
+          rows_done = exits;
+          all_done = std::make_shared<ov::op::v1::ReduceLogicalAnd>(exits, axes({0}), true);
+        } else {
+          all_done = exits;
+        }
+      }
+      std::shared_ptr<ov::Model> head = segs_[size_t(head_index())].source->clone();
+      feed(*head, "h", h);
+      ov::ResultVector results;
+      for (const auto& [v, n] : {std::pair<Value, const char*>{produced(*head, "eps"), "eps"},
+                                 {layer_major(us, B, n_layers), "u"}}) {
+        results.push_back(std::make_shared<ov::op::v0::Result>(v));
+        results.back()->output(0).get_tensor().set_names({n});
+      }
+      thr->output(0).get_tensor().set_names({"thr"});
+      ov::ParameterVector params = stem->get_parameters();
+      params.push_back(thr);
+      out.source = std::make_shared<ov::Model>(results, params, "uem_exit");
+      out.inputs = m_.segments[0].inputs;
+      out.outputs = {m_.segments[size_t(head_index())].outputs.at(0)};  // u: read from the request
+      std::unique_ptr<Variant> v = compile(out, batch);
+      out.fixed.emplace(batch, std::move(v));
+      out.hits.assign(size_t(o_.max_batch) + 1, 0);
+      out.ready = true;
+    } catch (const std::exception& e) {
+      throw std::runtime_error("OpenVINO: cannot build the " + out.name + " at batch " + std::to_string(batch) + ": " +
+                               e.what());
+    }
+    return out;
+  }
+
   int head_index() const { return int(m_.segments.size()) - 2; }
 
   // The value a model's named output carries, its name dropped: the stitched model reuses the
@@ -267,6 +475,7 @@ class OpenVinoEngine final : public Engine {
   ov::AnyMap config_;
   std::vector<Segment> segs_;
   std::map<int, Segment> fused_;  // static exit layer -> stem..layer..head as one model
+  std::map<std::tuple<bool, int, int>, Segment> exit_graphs_;  // (rows exit alone, patience, batch)
 };
 
 }  // namespace

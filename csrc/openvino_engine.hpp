@@ -14,6 +14,7 @@ struct OpenVinoOptions {
   std::string cache_dir;           // empty: no compiled-model cache
   int max_batch = 1;               // upper bound of the dynamic batch
   bool fuse_static = true;         // the static policy runs stem..layer L..head as one compiled graph
+  bool fuse_exit = true;           // the uem policy runs as one graph that tests u itself (Engine::run_exit)
 };
 
 bool openvino_compiled();

@@ -104,6 +104,11 @@ int Runtime::take() {
 
 void Runtime::give(int id) { free_.push_back(id); }
 
+void Runtime::run(int seg, int n, void* const* in, void* const* out) {
+  ++calls_;
+  engine_->run(seg, n, in, out);
+}
+
 Runtime::Resolved Runtime::resolve(const DenoiseOptions& o) const {
   Resolved r;
   ExitParams& p = r.p;
@@ -172,16 +177,24 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
   void* in[3];
   model_inputs(stem, x, in);
   if (base.policy == Policy::Static && engine_->run_static(base.static_layer, n, in, eps_out_.as())) {
+    ++calls_;
     std::fill_n(static_layers_.begin(), n, int64_t(base.static_layer));
     ops_->upload(exit_layer, static_layers_.data(), size_t(n) * sizeof(int64_t));
     return;
+  }
+  if (base.policy == Policy::Uem) {
+    const ExitGraphSpec spec{base.granularity == Granularity::Sample && n > 1, base.patience};
+    if (engine_->run_exit(spec, n, in, base.threshold, eps_out_.as(), u_all_.as(), exit_layer)) {
+      ++calls_;
+      return;
+    }
   }
   int hcur = take();
   {
     void* out[2] = {nullptr, nullptr};
     out[stem.output_index("h")] = hidden_[hcur].as();
     out[stem.output_index("temb")] = temb_[tb].as();
-    engine_->run(0, n, in, out);
+    run(0, n, in, out);
   }
   ops_->iota_zero(active_[ab].as<int>(), count_[ab].as<int>(), n);
   if (base.policy == Policy::Uem) ops_->fill_f32(u_all_.as<float>(), int64_t(n) * n_layers_, NAN);
@@ -199,7 +212,7 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
     out[seg.output_index("h_out")] = hidden_[hout].as();
     out[seg.output_index("u")] = u_.as();
     if (seg.outputs.size() == 3) out[seg.output_index("u_map")] = u_map_.as();
-    engine_->run(1 + i, n, in, out);
+    run(1 + i, n, in, out);
 
     const bool last = i == n_layers_ - 1;
     const float* score = u_.as<float>();
@@ -235,7 +248,7 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
     if (m == n) {
       head_in[0] = hidden_[hcur].as();
       head_out[0] = identity ? eps_out_.as() : eps_head_.as();
-      engine_->run(seg_head_, n, head_in, head_out);
+      run(seg_head_, n, head_in, head_out);
       if (!identity) ops_->scatter_rows(eps_out_.as(), eps_head_.as(), exit_dest_.as<int>(), m, erow);
       break;
     }
@@ -243,7 +256,7 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
     ops_->gather_rows(hidden_[hx].as(), hidden_[hcur].as(), exit_idx_.as<int>(), m, hrow);
     head_in[0] = hidden_[hx].as();
     head_out[0] = eps_head_.as();
-    engine_->run(seg_head_, m, head_in, head_out);
+    run(seg_head_, m, head_in, head_out);
     ops_->scatter_rows(eps_out_.as(), eps_head_.as(), exit_dest_.as<int>(), m, erow);
     give(hx);
 
@@ -278,6 +291,7 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
 void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o,
                       float* eps, int64_t* exit_layer, float* u) {
   std::lock_guard<std::mutex> lock(mu_);
+  calls_ = 0;
   const Resolved r = resolve(o);
   check_inputs("denoise", batch, x, t, y, std::min(m_.max_batch, cap_));
   ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
@@ -295,6 +309,7 @@ void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* 
 
 void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, float* eps) {
   std::lock_guard<std::mutex> lock(mu_);
+  calls_ = 0;
   check_inputs("full", batch, x, t, y, std::min(m_.max_batch, cap_));
   ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
   ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
@@ -302,7 +317,7 @@ void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, 
   void* in[3];
   void* out[1] = {eps_out_.as()};
   model_inputs(m_.segments[seg_full_], x_in_.as(), in);
-  engine_->run(seg_full_, batch, in, out);
+  run(seg_full_, batch, in, out);
   ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
 }
 
@@ -326,6 +341,7 @@ double Runtime::resolve_guidance(const SampleOptions& o) const {
 void Runtime::sample(int batch, const float* noise, const int64_t* y, const SampleOptions& o, float* images,
                      std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out) {
   std::lock_guard<std::mutex> lock(mu_);
+  calls_ = 0;
   if (o.sampler != "dpm++" && o.sampler != "ddim" && o.sampler != "euler")
     invalid("sampler must be one of 'dpm++', 'ddim', 'euler', got '" + o.sampler + "'");
   const int steps = resolve_steps(o);

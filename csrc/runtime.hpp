@@ -51,6 +51,10 @@ class Runtime {
   // The `full` graph (the speed baseline).
   void full(int batch, const float* x, const float* t, const int64_t* y, float* eps);
 
+  // Engine executions the last denoise / sample / full call made (a chained forward: one per
+  // segment run; a fused static or exit-graph forward: one).
+  int64_t engine_calls() const { return calls_; }
+
   // Resolved values, for the Python layer's shape bookkeeping.
   int resolve_steps(const SampleOptions& o) const;
   double resolve_guidance(const SampleOptions& o) const;
@@ -68,11 +72,13 @@ class Runtime {
   void model_inputs(const SegmentDesc& s, const void* x, void* in[3]);
   int take();
   void give(int id);
+  void run(int seg, int n, void* const* in, void* const* out);  // engine_->run, counted
 
   Manifest m_;
   std::unique_ptr<Ops> ops_;
   std::unique_ptr<Engine> engine_;
   std::mutex mu_;  // one call at a time per Runtime; separate Runtimes run in parallel
+  int64_t calls_ = 0;
 
   int cap_ = 0, n_layers_ = 0, k_ = 0;
   int64_t img_ = 0, hid_ = 0, dim_ = 0;

@@ -41,18 +41,57 @@ def rt(engines):
     return adadiff_rt.Runtime(str(engines), threads=1)
 
 
-@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
-@pytest.mark.parametrize("granularity", ["sample", "batch"])
-def test_uem_matches_oracle(rt, model, batch, granularity):
-    x, t, y = inputs(model, batch, seed=batch)
-    thr = mixed_threshold(model, x, t, y, granularity)
-    assert_parity(rt, model, x, t, y, policy="uem", threshold=thr, granularity=granularity)
-
-
 @pytest.fixture(scope="module")
 def rt_chained(engines):
-    """Static exit through the chain of segments instead of OpenVINO's fused static graph."""
-    return adadiff_rt.Runtime(str(engines), threads=1, fuse_static=False)
+    """Every policy through the chain of segments: no fused static graph, no exit graph."""
+    return adadiff_rt.Runtime(str(engines), threads=1, fuse_static=False, fuse_exit=False)
+
+
+def exit_graph_runs(batch: int, granularity: str) -> bool:
+    """Where the OpenVINO engine runs uem as one exit graph: whole-batch exit, or at most 2 rows."""
+    return granularity == "batch" or batch <= 2
+
+
+@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+@pytest.mark.parametrize("fused", [True, False], ids=["exit-graph", "chained"])
+def test_uem_matches_oracle(rt, rt_chained, model, batch, granularity, fused):
+    x, t, y = inputs(model, batch, seed=batch)
+    thr = mixed_threshold(model, x, t, y, granularity)
+    runtime = rt if fused else rt_chained
+    layer = assert_parity(runtime, model, x, t, y, policy="uem", threshold=thr, granularity=granularity)
+    if fused and exit_graph_runs(batch, granularity):
+        assert runtime.engine_calls == 1
+    else:  # stem, one call per layer up to the deepest exit, at least one head
+        assert runtime.engine_calls >= 2 + layer.max()
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_exit_graph_two_rows(rt, rt_chained, model, patience, granularity):
+    """Two rows (batch-1 sampling under guidance) in one exit graph: with granularity sample each
+    row leaves at its own layer while the other runs on, with the oracle's decisions and eps."""
+    x, t, y = inputs(model, 2, seed=20 + patience)
+    t[:] = [0.9, 0.05]  # far apart in noise level, so their uncertainties part early
+    thr = mixed_threshold(model, x, t, y, granularity, patience)
+    layer = assert_parity(rt, model, x, t, y, threshold=thr, patience=patience, granularity=granularity)
+    assert rt.engine_calls == 1
+    if granularity == "sample":
+        assert layer[0] != layer[1], f"threshold {thr} did not part the rows: {layer}"
+    else:
+        assert layer[0] == layer[1]
+    _, chained_layer, _ = rt_chained.denoise(x, t, y, threshold=thr, patience=patience, granularity=granularity)
+    np.testing.assert_array_equal(layer, chained_layer)
+
+
+def test_exit_graph_threshold_is_an_input(rt, model):
+    """One compiled exit graph serves every threshold: each exits where the oracle does."""
+    x, t, y = inputs(model, 1, seed=30)
+    _, _, u = oracle(model, x, t, y, threshold=0.0)
+    thresholds = [0.0, *(np.unique(u[np.isfinite(u)]) + 1e-4), 1.0]
+    layers = {int(assert_parity(rt, model, x, t, y, threshold=float(thr))[0]) for thr in thresholds}
+    assert rt.engine_calls == 1
+    assert len(layers) >= 3, layers
 
 
 @pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
@@ -130,6 +169,30 @@ def test_sample_matches_python_samplers(rt, model, sampler, steps, guidance):
     np.testing.assert_array_equal(used, hist)
     assert rel_err(images, ref.numpy()) <= TOL
     assert images.min() >= -1 and images.max() <= 1
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_batch_one_guided_sampling_through_the_exit_graph(rt, model, patience):
+    """Batch 1 under guidance is 2 rows per step (class and null class), the exit graph's per-row
+    case: one engine call per step, the oracle's layers by step and its images."""
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    y = torch.tensor([3])
+    steps = 8
+
+    def reference(thr: float):
+        den = EarlyExitDenoiser(model, ExitPolicy(threshold=thr, patience=patience))
+        ref = py_sample("dpm++", guided(den, 2.0, model.config.num_classes), noise.clone(), VPSchedule(), steps, y=y)
+        return ref.numpy(), den.layers_by_step().numpy()
+
+    # the threshold that spreads the exits most (over steps and between the two rows)
+    thr = max(np.linspace(0.02, 0.98, 25), key=lambda v: len(np.unique(reference(float(v))[1])))
+    ref, ref_used = reference(float(thr))
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler="dpm++", steps=steps, guidance=2.0,
+                             threshold=float(thr), patience=patience)
+    assert rt.engine_calls == steps
+    assert used.shape == (steps, 2) and len(np.unique(used)) >= 2, used
+    np.testing.assert_array_equal(used, ref_used)
+    assert rel_err(images, ref) <= TOL
 
 
 def test_stochastic_samplers_are_reproducible_per_seed(rt, model):
