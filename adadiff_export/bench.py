@@ -339,13 +339,14 @@ def _oracle_layers(fn: EarlyExitDenoiser, b: int) -> np.ndarray:
     return fn.history[-1].numpy()
 
 
-def static_contenders(runtime, engines: Path, threads: int, layer: int, note: str, **rt) -> List[Contender]:
-    """Static exit at `layer` as adadiff_rt runs it (one fused OpenVINO graph) and with the segments chained
-    (a second Runtime with fuse_static=False): what fusion buys."""
-    chained = open_runtime(engines, threads, fuse_static=False)
+CHAINED = "segments chained (fuse_static=False, fuse_exit=False)"
+
+
+def static_contenders(runtime, chained, layer: int, note: str, **rt) -> List[Contender]:
+    """Static exit at `layer` as adadiff_rt runs it (one fused OpenVINO graph) and through `chained` (a Runtime
+    opened with fuse=False): what fusion buys."""
     return [rt_contender(runtime, RtSetting("static", static_layer=layer), note=note, **rt),
-            rt_contender(chained, RtSetting("static", static_layer=layer),
-                         note=f"{note}; segments chained (fuse_static=False)", **rt)]
+            rt_contender(chained, RtSetting("static", static_layer=layer), note=f"{note}; {CHAINED}", **rt)]
 
 
 def rt_contender(runtime, s: RtSetting, steps: int, guidance: float, seed: int, **kw) -> Contender:
@@ -476,14 +477,15 @@ def ensure_engines(checkpoint: Path, folder: Path, max_batch: int) -> Path:
     return Path(folder)
 
 
-def open_runtime(engines: Path, threads: int, fuse_static: bool = True):
-    """adadiff_rt on OpenVINO, f32; `fuse_static=False` runs static exit through the segment chain."""
+def open_runtime(engines: Path, threads: int, fuse: bool = True):
+    """adadiff_rt on OpenVINO, f32; `fuse=False` chains the segments for every policy (no fused static graph,
+    no uem exit graph)."""
     try:
         import adadiff_rt
     except ImportError as e:
         raise ValueError(f"bench needs the compiled adadiff_rt module ({e}); build it with `pip install .`") from None
     return adadiff_rt.Runtime(str(engines), device="cpu", engine="openvino", precision="fp32", threads=threads,
-                              fuse_static=fuse_static)
+                              fuse_static=fuse, fuse_exit=fuse)
 
 
 # ----- one timing cell ------------------------------------------------------------------------
@@ -564,6 +566,7 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: f
     py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
     authors = AuthorsEarlyExit(m, thr)
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
+    chained = open_runtime(engines, cfg.threads, fuse=False)
     out = [
         python_contender("torch-eager", "full", m, _full_layers(n), **py),
         python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
@@ -572,8 +575,9 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: f
                          default=True, note="head+UEM at every layer, one decision per batch", **py),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
+        rt_contender(chained, RtSetting("uem", thr, "sample"), note=CHAINED, **rt),
         rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
-        *static_contenders(runtime, engines, cfg.threads, static_layer, "matched layer budget", **rt),
+        *static_contenders(runtime, chained, static_layer, "matched layer budget", **rt),
         _saturation(loaded, runtime, rt_sat, sat_threshold, rt, py, note="matched layer budget"),
     ]
     for t in sweep:
@@ -758,7 +762,7 @@ def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) 
         python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
         python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), _full_layers(n), **py),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
-        *static_contenders(runtime, engines, cfg.threads, static_layer, note, **rt),
+        *static_contenders(runtime, open_runtime(engines, cfg.threads, fuse=False), static_layer, note, **rt),
     ]
     rows: List[Row] = []
     bar = tqdm(total=len(cts) * cfg.repeats * len(cfg.cifar_batches), desc="uvit-s-cifar10", disable=not progress)
