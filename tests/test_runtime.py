@@ -171,6 +171,16 @@ def test_sample_matches_python_samplers(rt, model, sampler, steps, guidance):
     assert images.min() >= -1 and images.max() <= 1
 
 
+def test_exit_graphs_past_the_cap_fall_back_to_the_chain(engines, model):
+    """Each batch size compiles its own exit graph; past 8 of them the runtime chains the segments,
+    with the same results."""
+    runtime = adadiff_rt.Runtime(str(engines), threads=1)
+    for batch in range(1, 11):
+        x, t, y = inputs(model, batch, seed=40 + batch)
+        assert_parity(runtime, model, x, t, y, threshold=0.0, granularity="batch")
+        assert runtime.engine_calls == (1 if batch <= 8 else 2 + model.depth)
+
+
 @pytest.mark.parametrize("patience", [1, 2])
 def test_batch_one_guided_sampling_through_the_exit_graph(rt, model, patience):
     """Batch 1 under guidance is 2 rows per step (class and null class), the exit graph's per-row
