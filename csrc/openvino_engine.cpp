@@ -92,6 +92,13 @@ struct Segment {
 constexpr uint32_t kPromoteAfter = 3;
 // Each variant costs a compile (about 50-400 ms here, cached on disk with cache_dir) and memory.
 constexpr size_t kMaxStatic = 4;
+// One compiled uem exit graph (exit_graph) and the tensors run_exit reaches past the manifest's
+// bindings: the threshold input and the raw u output, which stay in the request's own memory.
+struct ExitGraph {
+  Segment graph;  // one static-batch variant, in `fixed`
+  ov::Tensor thr, u;
+};
+
 // The exit graph carries rows that have exited to the end of the forward (computed, discarded).
 // For one or two rows (batch-1 sampling under guidance: both rows share t, on which the UEM's
 // decision mostly depends) that waste is small beside the 15 engine calls it saves; for more rows
@@ -266,17 +273,12 @@ class OpenVinoEngine final : public Engine {
       for (int i = 1; i <= layers; ++i) {
         const SegmentDesc& d = m_.segments[i];
         std::shared_ptr<ov::Model> layer = segs_[i].source->clone();
-        feed(*layer, "h_in", h);
-        feed(*layer, "temb", temb);
-        if (d.skip_from) feed(*layer, "skip", saved[size_t(d.skip_from - 1)]);
+        for (const auto& p : layer->get_parameters()) p->output(0).replace(layer_input(d, *p, h, temb, saved));
         h = produced(*layer, "h_out");
         if (d.block == "in") saved.push_back(h);
       }
-      std::shared_ptr<ov::Model> head = segs_[head_index()].source->clone();
-      feed(*head, "h", h);
-      auto eps = std::make_shared<ov::op::v0::Result>(produced(*head, "eps"));
-      eps->output(0).get_tensor().set_names({"eps"});
-      out.source = std::make_shared<ov::Model>(ov::ResultVector{eps}, stem->get_parameters(), name);
+      out.source = std::make_shared<ov::Model>(ov::ResultVector{named_result(head_on(h), "eps")},
+                                               stem->get_parameters(), name);
       out.inputs = m_.segments[0].inputs;
       out.outputs = {m_.segments[size_t(head_index())].outputs.at(0)};
       prepare(out);
@@ -295,12 +297,11 @@ class OpenVinoEngine final : public Engine {
       if (exit_graphs_.size() >= kMaxExitGraphs) return false;
       it = exit_graphs_.emplace(key, exit_graph(spec, batch)).first;
     }
-    Variant& v = *it->second.fixed.at(batch);
-    // thr and the raw u are the graph's own business: they stay in the request's tensors.
-    *v.request.get_tensor("thr").data<float>() = threshold;
+    ExitGraph& g = it->second;
+    *g.thr.data<float>() = threshold;
     void* out[1] = {eps};
-    infer(it->second, batch, in, out);
-    const float* ran_u = v.request.get_tensor("u").data<float>();
+    infer(g.graph, batch, in, out);
+    const float* ran_u = g.u.data<float>();
     // -inf marks a layer a row did not run (the graph's sentinel, see exit_graph); the chained
     // loop's record has NaN there and for the last layer, whose u no decision reads.
     const int n_layers = m_.model.depth;
@@ -329,10 +330,11 @@ class OpenVinoEngine final : public Engine {
   // through the Ifs. Rows that exit while others run are frozen by a Select.
   // Outputs eps and u with -inf where a row did not run a layer (run_exit turns that into the
   // exit layer and NaN), laid out layer by layer (see layer_major).
-  Segment exit_graph(const ExitGraphSpec& spec, int batch) {
+  ExitGraph exit_graph(const ExitGraphSpec& spec, int batch) {
     const int n_layers = m_.model.depth;
     const size_t B = size_t(batch);
-    Segment out;
+    ExitGraph g;
+    Segment& out = g.graph;
     out.name = std::string("uem exit graph (") + (spec.per_row ? "rows exit alone" : "batch mean") + ", patience " +
                std::to_string(spec.patience) + ")";
     try {
@@ -347,18 +349,7 @@ class OpenVinoEngine final : public Engine {
         const SegmentDesc& d = m_.segments[size_t(i)];
         std::shared_ptr<ov::Model> layer = segs_[size_t(i)].source->clone();
         Branch run, pass;
-        for (const auto& p : layer->get_parameters()) {
-          const auto& names = p->output(0).get_names();
-          if (names.count("h_in")) {
-            run.adopt(p, h);
-          } else if (names.count("temb")) {
-            run.adopt(p, temb);
-          } else if (names.count("skip")) {
-            run.adopt(p, saved.at(size_t(d.skip_from - 1)));
-          } else {
-            throw std::runtime_error("layer_" + std::to_string(i) + " has an input the exit graph does not know");
-          }
-        }
+        for (const auto& p : layer->get_parameters()) run.adopt(p, layer_input(d, *p, h, temb, saved));
         run.give(produced(*layer, "h_out"));
         run.give(produced(*layer, "u"));
         pass.give(pass.take(h));
@@ -390,14 +381,7 @@ class OpenVinoEngine final : public Engine {
           all_done = exits;
         }
       }
-      std::shared_ptr<ov::Model> head = segs_[size_t(head_index())].source->clone();
-      feed(*head, "h", h);
-      ov::ResultVector results;
-      for (const auto& [v, n] : {std::pair<Value, const char*>{produced(*head, "eps"), "eps"},
-                                 {layer_major(us, B, n_layers), "u"}}) {
-        results.push_back(std::make_shared<ov::op::v0::Result>(v));
-        results.back()->output(0).get_tensor().set_names({n});
-      }
+      const ov::ResultVector results{named_result(head_on(h), "eps"), named_result(layer_major(us, B, n_layers), "u")};
       thr->output(0).get_tensor().set_names({"thr"});
       ov::ParameterVector params = stem->get_parameters();
       params.push_back(thr);
@@ -405,17 +389,41 @@ class OpenVinoEngine final : public Engine {
       out.inputs = m_.segments[0].inputs;
       out.outputs = {m_.segments[size_t(head_index())].outputs.at(0)};  // u: read from the request
       std::unique_ptr<Variant> v = compile(out, batch);
+      g.thr = v->request.get_tensor("thr");
+      g.u = v->request.get_tensor("u");
       out.fixed.emplace(batch, std::move(v));
-      out.hits.assign(size_t(o_.max_batch) + 1, 0);
-      out.ready = true;
     } catch (const std::exception& e) {
       throw std::runtime_error("OpenVINO: cannot build the " + out.name + " at batch " + std::to_string(batch) + ": " +
                                e.what());
     }
-    return out;
+    return g;
   }
 
   int head_index() const { return int(m_.segments.size()) - 2; }
+
+  // The head segment's graph applied to `h`: the noise prediction.
+  Value head_on(const Value& h) const {
+    std::shared_ptr<ov::Model> head = segs_[size_t(head_index())].source->clone();
+    feed(*head, "h", h);
+    return produced(*head, "eps");
+  }
+
+  static std::shared_ptr<ov::op::v0::Result> named_result(const Value& v, const std::string& name) {
+    auto r = std::make_shared<ov::op::v0::Result>(v);
+    r->output(0).get_tensor().set_names({name});
+    return r;
+  }
+
+  // What feeds input `param` of layer segment `d` when layers are stitched: the hidden state
+  // before it, the time embedding, or the skip saved from its in block.
+  static Value layer_input(const SegmentDesc& d, const ov::Node& param, const Value& h, const Value& temb,
+                           const std::vector<Value>& saved) {
+    const auto& names = param.output(0).get_names();
+    if (names.count("h_in")) return h;
+    if (names.count("temb")) return temb;
+    if (names.count("skip") && d.skip_from) return saved.at(size_t(d.skip_from - 1));
+    throw std::runtime_error(d.name + " has an input a stitched graph cannot feed");
+  }
 
   // The value a model's named output carries, its name dropped: the stitched model reuses the
   // segments' tensor names (every layer has an h_out) and only its own inputs and output keep one.
@@ -475,7 +483,7 @@ class OpenVinoEngine final : public Engine {
   ov::AnyMap config_;
   std::vector<Segment> segs_;
   std::map<int, Segment> fused_;  // static exit layer -> stem..layer..head as one model
-  std::map<std::tuple<bool, int, int>, Segment> exit_graphs_;  // (rows exit alone, patience, batch)
+  std::map<std::tuple<bool, int, int>, ExitGraph> exit_graphs_;  // (rows exit alone, patience, batch)
 };
 
 }  // namespace
