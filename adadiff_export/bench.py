@@ -140,6 +140,19 @@ class Case:
     layers: Optional[np.ndarray] = None
 
 
+def rotating_times(calls: Sequence[Callable[[], object]], repeats: int) -> List[List[float]]:
+    """Seconds of each call over `repeats` rounds, the order rotating every round so none always goes first
+    (load from elsewhere on a shared machine then lands on all alike)."""
+    times: List[List[float]] = [[] for _ in calls]
+    for r in range(repeats):
+        for j in range(len(calls)):
+            k = (j + r) % len(calls)
+            start = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
 def time_interleaved(cases: Sequence[Case], repeats: int, warmup: int, tick: Callable[[], None] = lambda: None) -> None:
     """Warm every case up, then run them round-robin `repeats` times (rotating who goes first)."""
     for c in cases:

@@ -6,6 +6,8 @@ Side by side in one process, each Runtime with the same OpenVINO settings, at ba
   after each, as the runtime runs it by default: one exit graph (the tests inside the graph) where
   the OpenVINO engine uses one (one row, or whole-batch exit), else the chain of segments;
 - `thr=0 chained`: the same through the chain of segments (`Runtime(..., fuse_exit=False)`);
+- `thr=0 whole batch`: the same with granularity `batch` (one decision for the batch), which the OpenVINO engine
+  runs as one exit graph at any batch size;
 - `static L13 fused`: static exit at the last layer, the same computation as `full` run by the
   runtime as one graph stitched from the segments: what the runtime itself costs around a call.
 All calls rotate call by call, so load from other processes lands on all alike; medians after
@@ -25,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +48,6 @@ def _engines(args: argparse.Namespace) -> Path:
         checkpoint = save_untrained(preset(args.config), args.engines.parent / f"{args.config}_untrained.pt")
     print(f"building {args.engines} from {checkpoint or 'the shipped checkpoint'} ...", flush=True)
     return build_engines(checkpoint, args.engines, max_batch=max(args.batches), tensorrt="off")
-
-
-def _once(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _interleaved(fns: list, calls: int) -> list:
-    """`calls` timings of each function, the order rotating call by call so none always runs first."""
-    times = [[] for _ in fns]
-    for i in range(calls):
-        for k in range(len(fns)):
-            j = (i + k) % len(fns)
-            times[j].append(_once(fns[j]))
-    return times
 
 
 def _machine() -> str:
@@ -92,13 +77,15 @@ def main(argv=None) -> int:
 
     import adadiff_rt
 
+    from adadiff_export.bench import rotating_times
+
     folder = _engines(a)
     rts = [adadiff_rt.Runtime(str(folder), threads=a.threads) for _ in range(a.runtimes)]
     chained = [adadiff_rt.Runtime(str(folder), threads=a.threads, fuse_exit=False) for _ in range(a.runtimes)]
     rt = rts[0]
     m = rt.model
     rng = np.random.default_rng(0)
-    cases = ["full", "thr=0", "thr=0 chained", "static L13 fused"]
+    cases = ["full", "thr=0", "thr=0 chained", "thr=0 whole batch", "static L13 fused"]
     rows = []
     for b in a.batches:
         if b > rt.max_batch:
@@ -111,13 +98,14 @@ def main(argv=None) -> int:
         for r, c in zip(rts, chained):
             fns += [lambda r=r: r.full(x, t, y), lambda r=r: r.denoise(x, t, y, threshold=0.0),
                     lambda c=c: c.denoise(x, t, y, threshold=0.0),
+                    lambda r=r: r.denoise(x, t, y, threshold=0.0, granularity="batch"),
                     lambda r=r: r.denoise(x, t, y, policy="static", static_layer=r.depth)]
             labels += cases
-        _interleaved(fns, a.warmup)
+        rotating_times(fns, a.warmup)
         rt.denoise(x, t, y, threshold=0.0)
         how = "exit graph" if rt.engine_calls == 1 else f"chain ({rt.engine_calls} calls)"
         per_instance = {k: [] for k in cases}
-        for label, v in zip(labels, _interleaved(fns, a.repeats)):
+        for label, v in zip(labels, rotating_times(fns, a.repeats)):
             per_instance[label].append(statistics.median(v) * 1e3)
         rows.append((b, how, {k: statistics.median(v) for k, v in per_instance.items()}))
     print(f"\nadadiff_rt overhead, OpenVINO CPU fp32, threads {a.threads or 'default'}, {folder} "
@@ -125,15 +113,18 @@ def main(argv=None) -> int:
           f"{a.runtimes} Runtime(s)")
     print(f"machine: {_machine()}")
     print("full: the one-graph model through Runtime.full; thr=0: denoise at threshold 0 as the runtime runs it "
-          "(path in 'runs as'); chained: the same through the chain of segments (fuse_exit=False); static L13: "
-          "static exit at the last layer, one graph stitched from the segments (what the runtime itself costs)")
+          "(path in 'runs as'); chained: the same through the chain of segments (fuse_exit=False); whole batch: "
+          "the same with granularity 'batch' (one exit graph at any batch); static L13: static exit at the last "
+          "layer, one graph stitched from the segments (what the runtime itself costs)")
     print(f"{'batch':>5} | {'full ms':>9} | {'thr=0 ms':>9} | {'overhead':>8} | goal <= 5% | {'runs as':>16} | "
-          f"{'chained ms':>10} | {'overhead':>8} | {'static L13':>10} | {'overhead':>8}")
+          f"{'chained ms':>10} | {'overhead':>8} | {'whole batch':>11} | {'overhead':>8} | {'static L13':>10} | "
+          f"{'overhead':>8}")
     for b, how, r in rows:
         f = r["full"]
-        o, oc, oz = ((r[k] / f - 1) * 100 for k in cases[1:])
+        o, oc, ob, oz = ((r[k] / f - 1) * 100 for k in cases[1:])
         print(f"{b:>5} | {f:>9.3f} | {r['thr=0']:>9.3f} | {o:>7.1f}% | {'ok' if o <= 5 else 'MISSED':>10} | "
-              f"{how:>16} | {r['thr=0 chained']:>10.3f} | {oc:>7.1f}% | {r['static L13 fused']:>10.3f} | {oz:>7.1f}%")
+              f"{how:>16} | {r['thr=0 chained']:>10.3f} | {oc:>7.1f}% | {r['thr=0 whole batch']:>11.3f} | {ob:>7.1f}% | "
+              f"{r['static L13 fused']:>10.3f} | {oz:>7.1f}%")
     return 0
 
 

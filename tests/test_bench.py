@@ -81,6 +81,13 @@ def test_interleaved_timing_rotates_and_takes_medians():
     assert cases[1].row.mean_layers == pytest.approx(1.5)
 
 
+def test_rotating_times_rotates_who_goes_first():
+    order = []
+    times = bench.rotating_times([lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")], 3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
+
+
 def test_markdown_and_json_rows_have_the_promised_fields():
     r = bench.Row("small", "sample", 64, "adadiff_rt", "uem", "sample", 0.1, 12.5, 7.25, speedup=1.8,
                   ideal_speedup=1.9, efficiency=0.95, fd=3.0, accuracy=0.9, default=True)
