@@ -1,0 +1,198 @@
+"""Where the uem exit graph's overhead over `full` goes, measured on OpenVINO alone (no adadiff_rt code).
+
+adadiff_rt runs `denoise` with the uem policy as one OpenVINO graph stitched from the segments (see
+csrc/openvino_engine.cpp, exit_graph). This probe stitches the same segments with the openvino Python API
+into forms that add one ingredient at a time, compiles each like adadiff_rt does (adadiff_export.openvino_cpu:
+f32, latency, one stream, the given threads, static batch) and times them against `full`:
+
+  stitched         stem, layers 1..N, head: the `full` computation from the segments (u outputs dropped, so
+                   OpenVINO drops the UEMs);
+  + UEMs           the same with every layer's u kept as an output: the UEMs' own cost;
+  Ifs              layers 2..N each inside an `If` that would pass h through (condition an input, false):
+                   the branch plumbing without UEMs;
+  exit graph       Ifs + UEMs + the exit test on u after each layer (u < threshold, threshold 0 so every layer
+                   runs), the skipped-layer sentinel and the u output: the runtime's batch-1 exit graph.
+
+Every form is checked against `full` (eps within 1e-4 relative) before timing. Compile-to-compile speed differs
+by several percent on small VMs, so each form is compiled `--compiles` times; the table shows, per form, the
+median over compilations of the median call time (all calls rotating, so load lands on all alike).
+
+    python scripts/exit_graph_probe.py                               # engines/, batch 1, 1 thread
+    python scripts/exit_graph_probe.py --engines DIR --batch 1 --threads 1 --rounds 400 --compiles 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import openvino as ov
+from openvino import opset8, opset13 as ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adadiff_export.bench import rotating_times  # noqa: E402
+from adadiff_export.manifest import Manifest, load  # noqa: E402
+from adadiff_export.openvino_cpu import config  # noqa: E402
+from adadiff_export.parity import random_feed  # noqa: E402
+
+FORMS = ("full", "stitched", "+ UEMs", "Ifs", "exit graph")
+
+
+class Stitcher:
+    """Builds the probe's forms from one engines folder's segment files."""
+
+    def __init__(self, folder: Path, manifest: Manifest, batch: int) -> None:
+        self.core = ov.Core()
+        self.folder = folder
+        self.m = manifest
+        self.batch = batch
+        self.segs = {s.name: s for s in manifest.segments}
+        self.depth = int(manifest.model["depth"])
+
+    def read(self, name: str) -> ov.Model:
+        return self.core.read_model(str(self.folder / self.segs[name].file))
+
+    @staticmethod
+    def produced(model: ov.Model, name: str) -> ov.Output:
+        for r in model.get_results():
+            if name in r.output(0).get_names():
+                v = r.input_value(0)
+                v.get_tensor().set_names(set())
+                return v
+        raise KeyError(f"{model.get_friendly_name()} has no output {name}")
+
+    def layer_inputs(self, i: int, h, temb, saved: List) -> Dict[str, ov.Output]:
+        s = self.segs[f"layer_{i}"]
+        feeds = {"h_in": h, "temb": temb}
+        if s.skip_from:
+            feeds["skip"] = saved[s.skip_from - 1]
+        return feeds
+
+    def build(self, form: str) -> ov.Model:
+        if form == "full":
+            model = self.read("full")
+        else:
+            model = self.stitch(uems=form in ("+ UEMs", "exit graph"), ifs=form in ("Ifs", "exit graph"),
+                                tests=form == "exit graph")
+        model.reshape({p.get_any_name(): [self.batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
+                       for p in model.inputs if p.get_partial_shape().rank.get_length() > 0})
+        return model
+
+    def stitch(self, uems: bool, ifs: bool, tests: bool) -> ov.Model:
+        stem = self.read("stem")
+        h, temb = self.produced(stem, "h"), self.produced(stem, "temb")
+        params = list(stem.get_parameters())
+        done = None
+        if ifs and not tests:
+            cond = ops.parameter([], np.bool_, name="skip_layers")
+            params.append(cond)
+            done = cond.output(0)
+        if tests:
+            thr = ops.parameter([], np.float32, name="thr")
+            params.append(thr)
+        skipped = ops.constant(np.full([self.batch], -np.inf, np.float32)).output(0)
+        saved, us = [], []
+        for i in range(1, self.depth + 1):
+            layer = self.read(f"layer_{i}")
+            feeds = self.layer_inputs(i, h, temb, saved)
+            run = [self.produced(layer, "h_out")] + ([self.produced(layer, "u")] if uems else [])
+            if not ifs or i == 1:
+                for p in layer.get_parameters():
+                    p.output(0).replace(feeds[p.output(0).get_any_name()])
+                outs = run
+            else:
+                outs = self._branch(done, layer, feeds, run, h, skipped if uems else None)
+            h = outs[0]
+            if uems:
+                us.append(outs[1])
+            if tests and i < self.depth:
+                done = ops.reduce_logical_and(ops.less(outs[1], thr), [0], False).output(0)
+            if self.segs[f"layer_{i}"].block == "in":
+                saved.append(h)
+        head = self.read("head")
+        head.get_parameters()[0].output(0).replace(h)
+        results = [ops.result(self.produced(head, "eps"))]
+        results[0].output(0).get_tensor().set_names({"eps"})
+        if uems:
+            results.append(ops.result(ops.concat(us, 0)))
+        return ov.Model(results, params, "probe")
+
+    @staticmethod
+    def _branch(done, layer: ov.Model, feeds: Dict, run: List, h, skipped) -> List:
+        """If(done) pass h (and the -inf sentinel as u) else run the layer, as the runtime's exit graph does."""
+        node = opset8.if_op(done)
+        passed = ops.parameter(h.get_partial_shape(), np.float32)
+        then_results = [ops.result(passed)] + ([ops.result(skipped)] if skipped is not None else [])
+        else_results = [ops.result(v) for v in run]
+        node.set_then_body(ov.Model(then_results, [passed]))
+        node.set_else_body(ov.Model(else_results, list(layer.get_parameters())))
+        node.set_input(h, passed, None)
+        for p in layer.get_parameters():
+            node.set_input(feeds[p.output(0).get_any_name()], None, p)
+        return [node.set_output(t, e) for t, e in zip(then_results, else_results)]
+
+
+def _feed(model: ov.CompiledModel, base: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    names = {i.get_any_name() for i in model.inputs}
+    feed = {k: v for k, v in base.items() if k in names}
+    if "thr" in names:
+        feed["thr"] = np.array(0.0, np.float32)
+    if "skip_layers" in names:
+        feed["skip_layers"] = np.array(False)
+    return feed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", type=Path, default=Path("engines"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="OpenVINO CPU threads (0: its default)")
+    p.add_argument("--rounds", type=int, default=400)
+    p.add_argument("--compiles", type=int, default=3, help="separate compilations of each form")
+    a = p.parse_args(argv)
+    if a.batch < 1 or a.rounds < 1 or a.compiles < 1:
+        p.error("--batch, --rounds and --compiles must be >= 1")
+
+    m = load(a.engines, check=True)
+    st = Stitcher(a.engines, m, a.batch)
+    base = random_feed(st.segs["full"], a.batch, np.random.default_rng(0), int(m.model["num_classes"]))
+    cfg = config(a.threads)
+    reference = None
+    calls = {}
+    for c in range(a.compiles):
+        for form in FORMS:
+            compiled = st.core.compile_model(st.build(form), "CPU", cfg)
+            req = compiled.create_infer_request()
+            for name, value in _feed(compiled, base).items():
+                req.set_tensor(name, ov.Tensor(np.require(value, requirements="C")))
+            req.infer()
+            eps = req.get_tensor("eps").data.copy()
+            if reference is None:
+                reference = eps
+            err = float(np.abs(eps - reference).max() / np.abs(reference).max())
+            if err > 1e-4:
+                raise SystemExit(f"{form} differs from full: max relative error {err:.2e}")
+            calls[(form, c)] = (lambda req=req: req.infer())
+    keys = list(calls)
+    rotating_times([calls[k] for k in keys], 20)  # warm-up
+    t = {k: 1e3 * statistics.median(v) for k, v in zip(keys, rotating_times([calls[k] for k in keys], a.rounds))}
+    ms = {f: statistics.median(t[(f, c)] for c in range(a.compiles)) for f in FORMS}
+    print(f"{a.engines} (depth {st.depth}), batch {a.batch}, {a.threads or 'default'} thread(s), OpenVINO "
+          f"{ov.__version__}; median of {a.rounds} rotating calls, median over {a.compiles} compilations")
+    print(f"{'form':>11} | {'ms':>8} | vs full | per compilation")
+    for f in FORMS:
+        spread = " ".join(f"{100 * (t[(f, c)] / ms['full'] - 1):+.1f}%" for c in range(a.compiles))
+        print(f"{f:>11} | {ms[f]:8.3f} | {100 * (ms[f] / ms['full'] - 1):+6.1f}% | {spread}")
+    share = lambda x: 100 * x / ms["full"]  # noqa: E731
+    print(f"UEMs alone (+ UEMs - stitched) {share(ms['+ UEMs'] - ms['stitched']):+.1f}%, If plumbing alone "
+          f"(Ifs - stitched) {share(ms['Ifs'] - ms['stitched']):+.1f}%, tests and the rest (exit graph - Ifs - "
+          f"UEMs alone) {share(ms['exit graph'] - ms['Ifs'] - ms['+ UEMs'] + ms['stitched']):+.1f}% of full")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
