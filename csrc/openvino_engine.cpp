@@ -351,7 +351,9 @@ class OpenVinoEngine final : public Engine {
         Branch run, pass;
         for (const auto& p : layer->get_parameters()) run.adopt(p, layer_input(d, *p, h, temb, saved));
         run.give(produced(*layer, "h_out"));
-        run.give(produced(*layer, "u"));
+        // No decision reads the last layer's u (run_exit reports NaN there): a constant in its place
+        // lets OpenVINO drop that UEM, while the pass branch's -inf still tells who ran the layer.
+        run.give(i == n_layers ? constant({B}, 0.0f) : produced(*layer, "u"));
         pass.give(pass.take(h));
         pass.give(skipped);
         const std::vector<Value> o = i == 1 ? inline_branch(run) : branch(all_done, pass, run);

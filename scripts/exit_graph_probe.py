@@ -7,7 +7,8 @@ f32, latency, one stream, the given threads, static batch) and times them agains
 
   stitched         stem, layers 1..N, head: the `full` computation from the segments (u outputs dropped, so
                    OpenVINO drops the UEMs);
-  + UEMs           the same with every layer's u kept as an output: the UEMs' own cost;
+  + UEMs           the same with the u of layers 1..N-1 kept as outputs (no decision reads the last layer's u, and
+                   neither the runtime nor this probe computes it): the UEMs' own cost;
   Ifs              layers 2..N each inside an `If` that would pass h through (condition an input, false):
                    the branch plumbing without UEMs;
   exit graph       Ifs + UEMs + the exit test on u after each layer (u < threshold, threshold 0 so every layer
@@ -99,7 +100,9 @@ class Stitcher:
         for i in range(1, self.depth + 1):
             layer = self.read(f"layer_{i}")
             feeds = self.layer_inputs(i, h, temb, saved)
-            run = [self.produced(layer, "h_out")] + ([self.produced(layer, "u")] if uems else [])
+            # no decision reads the last layer's u: like the runtime, a constant there (OpenVINO drops that UEM)
+            u = self.produced(layer, "u") if i < self.depth else ops.constant(np.zeros([self.batch], np.float32)).output(0)
+            run = [self.produced(layer, "h_out")] + ([u] if uems else [])
             if not ifs or i == 1:
                 for p in layer.get_parameters():
                     p.output(0).replace(feeds[p.output(0).get_any_name()])
