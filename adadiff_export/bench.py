@@ -103,16 +103,18 @@ class Row:
 
 # ----- machine -------------------------------------------------------------------
 def machine() -> Dict[str, object]:
-    """CPU model and cores from /proc/cpuinfo, and the versions of every engine measured."""
-    model, cores = platform.processor() or platform.machine(), set()
+    """CPU model and vector ISA from /proc/cpuinfo, logical CPUs, and the versions of every engine measured."""
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text()
         names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
         model = names[0] if names else model
-        cores = {ln for ln in text.splitlines() if ln.startswith("core id") or ln.startswith("physical id")}
+        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
     except OSError:
         pass
-    info: Dict[str, object] = {"cpu": model, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+    # OpenVINO picks its kernels by vector ISA, and VMs of one name differ in it from host to host.
+    isa = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), "")
+    info: Dict[str, object] = {"cpu": model, "isa": isa, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
                                "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
     for mod in ("onnxruntime", "openvino", "adadiff_rt"):
         try:
@@ -123,7 +125,8 @@ def machine() -> Dict[str, object]:
 
 
 def machine_line(info: Dict[str, object]) -> str:
-    return (f"{info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
+    isa = f" ({info['isa']})" if info.get("isa") else ""
+    return (f"{info['cpu']}{isa}, {info['logical_cpus']} logical CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
             f"onnxruntime {info.get('onnxruntime')}, OpenVINO {info.get('openvino')}")
 
 
