@@ -11,8 +11,9 @@ f32, latency, one stream, the given threads, static batch) and times them agains
                    neither the runtime nor this probe computes it): the UEMs' own cost;
   Ifs              layers 2..N each inside an `If` that would pass h through (condition an input, false):
                    the branch plumbing without UEMs;
-  exit graph       Ifs + UEMs + the exit test on u after each layer (u < threshold, threshold 0 so every layer
-                   runs), the skipped-layer sentinel and the u output: the runtime's batch-1 exit graph.
+  exit graph       Ifs + UEMs + the exit test on u after each layer (u < threshold, on the batch mean above one
+                   row; threshold 0 so every layer runs), the skipped-layer sentinel and the u output: the
+                   runtime's exit graph for one row, or for whole-batch exit (granularity `batch`).
 
 Every form is checked against `full` (eps within 1e-4 relative) before timing. Compile-to-compile speed differs
 by several percent on small VMs, so each form is compiled `--compiles` times; the table shows, per form, the
@@ -112,8 +113,9 @@ class Stitcher:
             h = outs[0]
             if uems:
                 us.append(outs[1])
-            if tests and i < self.depth:
-                done = ops.reduce_logical_and(ops.less(outs[1], thr), [0], False).output(0)
+            if tests and i < self.depth:  # the runtime's test for one row, or one decision for the batch
+                score = outs[1] if self.batch == 1 else ops.reduce_mean(outs[1], [0], True)
+                done = ops.less(score, thr).output(0)
             if self.segs[f"layer_{i}"].block == "in":
                 saved.append(h)
         head = self.read("head")
