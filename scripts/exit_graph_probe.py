@@ -50,7 +50,6 @@ class Stitcher:
     def __init__(self, folder: Path, manifest: Manifest, batch: int) -> None:
         self.core = ov.Core()
         self.folder = folder
-        self.m = manifest
         self.batch = batch
         self.segs = {s.name: s for s in manifest.segments}
         self.depth = int(manifest.model["depth"])
@@ -162,7 +161,10 @@ def main(argv=None) -> int:
     if a.batch < 1 or a.rounds < 1 or a.compiles < 1:
         p.error("--batch, --rounds and --compiles must be >= 1")
 
-    m = load(a.engines, check=True)
+    try:
+        m = load(a.engines, check=True)
+    except (OSError, ValueError) as e:  # no folder, no manifest, a changed file
+        p.error(str(e))
     st = Stitcher(a.engines, m, a.batch)
     base = random_feed(st.segs["full"], a.batch, np.random.default_rng(0), int(m.model["num_classes"]))
     cfg = config(a.threads)
