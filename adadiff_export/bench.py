@@ -143,9 +143,10 @@ class Case:
     layers: Optional[np.ndarray] = None
 
 
-def rotating_times(calls: Sequence[Callable[[], object]], repeats: int) -> List[List[float]]:
+def rotating_times(calls: Sequence[Callable[[], object]], repeats: int,
+                   after: Callable[[], None] = lambda: None) -> List[List[float]]:
     """Seconds of each call over `repeats` rounds, the order rotating every round so none always goes first
-    (load from elsewhere on a shared machine then lands on all alike)."""
+    (load from elsewhere on a shared machine then lands on all alike); `after` runs untimed after each call."""
     times: List[List[float]] = [[] for _ in calls]
     for r in range(repeats):
         for j in range(len(calls)):
@@ -153,6 +154,7 @@ def rotating_times(calls: Sequence[Callable[[], object]], repeats: int) -> List[
             start = time.perf_counter()
             calls[k]()
             times[k].append(time.perf_counter() - start)
+            after()
     return times
 
 
@@ -161,15 +163,15 @@ def time_interleaved(cases: Sequence[Case], repeats: int, warmup: int, tick: Cal
     for c in cases:
         for _ in range(warmup):
             (c.warm or c.run)()
-    for r in range(repeats):
-        for j in range(len(cases)):
-            c = cases[(j + r) % len(cases)]
-            start = time.perf_counter()
-            out, layers = c.run()
-            c.times.append((time.perf_counter() - start) * 1e3)
-            if c.output is None:
-                c.output, c.layers = out, layers
-            tick()
+
+    def keep_first(c: Case) -> None:
+        out, layers = c.run()
+        if c.output is None:
+            c.output, c.layers = out, layers
+
+    times = rotating_times([lambda c=c: keep_first(c) for c in cases], repeats, after=tick)
+    for c, t in zip(cases, times):
+        c.times.extend(1e3 * x for x in t)
     for c in cases:
         c.row.ms = statistics.median(c.times)
         if c.layers is not None and c.layers.size:
