@@ -30,6 +30,12 @@ def compile_static(path: Path, batch: int, threads: Optional[int] = None, extra:
     for r in list(model.get_results()):
         if r.output(0).get_names() & set(drop_outputs):
             model.remove_result(r)
-    model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
-                   for p in model.inputs})
+    static_batch(model, batch)
     return core.compile_model(model, "CPU", {**config(threads), **(extra or {})})
+
+
+def static_batch(model, batch: int) -> None:
+    """Reshapes `model` (an ov.Model) in place so every input with a batch dimension has exactly `batch`
+    rows; scalar inputs (a threshold, a flag) stay as they are."""
+    model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
+                   for p in model.inputs if p.get_partial_shape().rank.get_length() > 0})

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adadiff_export.bench import rotating_times  # noqa: E402
 from adadiff_export.manifest import Manifest, load  # noqa: E402
-from adadiff_export.openvino_cpu import config  # noqa: E402
+from adadiff_export.openvino_cpu import config, static_batch  # noqa: E402
 from adadiff_export.parity import random_feed  # noqa: E402
 
 FORMS = ("full", "stitched", "+ UEMs", "Ifs", "exit graph")
@@ -79,8 +79,7 @@ class Stitcher:
         else:
             model = self.stitch(uems=form in ("+ UEMs", "exit graph"), ifs=form in ("Ifs", "exit graph"),
                                 tests=form == "exit graph")
-        model.reshape({p.get_any_name(): [self.batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
-                       for p in model.inputs if p.get_partial_shape().rank.get_length() > 0})
+        static_batch(model, self.batch)
         return model
 
     def stitch(self, uems: bool, ifs: bool, tests: bool) -> ov.Model:
