@@ -52,6 +52,15 @@ def exit_graph_runs(batch: int, granularity: str) -> bool:
     return granularity == "batch" or batch <= 2
 
 
+def assert_engine_calls(runtime, layer: np.ndarray, batch: int, granularity: str, fused: bool = True) -> None:
+    """One engine call where the exit graph runs; otherwise the stem, one call per layer up to the
+    deepest exit, and at least one head."""
+    if fused and exit_graph_runs(batch, granularity):
+        assert runtime.engine_calls == 1
+    else:
+        assert runtime.engine_calls >= 2 + layer.max()
+
+
 @pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
 @pytest.mark.parametrize("fused", [True, False], ids=["exit-graph", "chained"])
@@ -60,10 +69,7 @@ def test_uem_matches_oracle(rt, rt_chained, model, batch, granularity, fused):
     thr = mixed_threshold(model, x, t, y, granularity)
     runtime = rt if fused else rt_chained
     layer = assert_parity(runtime, model, x, t, y, policy="uem", threshold=thr, granularity=granularity)
-    if fused and exit_graph_runs(batch, granularity):
-        assert runtime.engine_calls == 1
-    else:  # stem, one call per layer up to the deepest exit, at least one head
-        assert runtime.engine_calls >= 2 + layer.max()
+    assert_engine_calls(runtime, layer, batch, granularity, fused)
 
 
 @pytest.mark.parametrize("patience", [1, 2])
@@ -223,10 +229,7 @@ def test_four_threads_each_with_a_runtime_match_one(engines, model, granularity)
     thr = mixed_threshold(model, x, t, y, granularity)
     single = adadiff_rt.Runtime(str(engines), threads=1)
     want = [single.denoise(x, t, y, threshold=thr, granularity=granularity) for _ in range(3)]
-    if granularity == "batch":
-        assert single.engine_calls == 1
-    else:
-        assert single.engine_calls >= 2 + want[0][1].max()
+    assert_engine_calls(single, want[0][1], MAX_BATCH, granularity)
     runtimes = [adadiff_rt.Runtime(str(engines), threads=1) for _ in range(4)]
     got, errors = {}, []
 
