@@ -17,10 +17,16 @@ f32, latency, one stream, the given threads, static batch) and times them agains
 
 Every form is checked against `full` (eps within 1e-4 relative) before timing. Compile-to-compile speed differs
 by several percent on small VMs, so each form is compiled `--compiles` times; the table shows, per form, the
-median over compilations of the median call time (all calls rotating, so load lands on all alike).
+median over compilations of the median call time (all calls rotating, so load lands on all alike). A last line
+puts the parts per gated layer beside what the 5% goal allows per gated layer (N-1 of them carry a UEM, a test
+and an If).
+
+With --nodes, one layer segment is also compiled with OpenVINO's per-node counters and the nodes that only its
+`u` needs (its UEM, found from the compiled graph) are listed with their median time: what a UEM is made of.
 
     python scripts/exit_graph_probe.py                               # engines/, batch 1, 1 thread
     python scripts/exit_graph_probe.py --engines DIR --batch 1 --threads 1 --rounds 400 --compiles 3
+    python scripts/exit_graph_probe.py --nodes layer_2                # + the UEM's nodes in layer_2
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import numpy as np
 import openvino as ov
@@ -38,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adadiff_export.bench import rotating_times  # noqa: E402
 from adadiff_export.manifest import Manifest, load  # noqa: E402
-from adadiff_export.openvino_cpu import config, static_batch  # noqa: E402
+from adadiff_export.openvino_cpu import compile_static, config, static_batch  # noqa: E402
 from adadiff_export.parity import random_feed  # noqa: E402
 
 FORMS = ("full", "stitched", "+ UEMs", "Ifs", "exit graph")
@@ -149,6 +155,46 @@ def _feed(model: ov.CompiledModel, base: Dict[str, np.ndarray]) -> Dict[str, np.
     return feed
 
 
+def _ancestors(node) -> Set[str]:
+    """Friendly names of every node `node` reads from, directly or not."""
+    seen: Set[str] = set()
+    stack = [node]
+    while stack:
+        for i in stack.pop().inputs():
+            parent = i.get_source_output().get_node()
+            if parent.get_friendly_name() not in seen:
+                seen.add(parent.get_friendly_name())
+                stack.append(parent)
+    return seen
+
+
+def uem_nodes(path: Path, feed: Dict[str, np.ndarray], batch: int, threads: int, rounds: int) -> List[tuple]:
+    """(node type, kernel, output shape, median us) for each executed node of a layer segment that only its `u`
+    output needs, from OpenVINO's per-node counters over `rounds` calls."""
+    compiled = compile_static(path, batch, threads, {"PERF_COUNT": "YES"})
+    graph = compiled.get_runtime_model()
+    reach = {r.get_friendly_name().split("/sink_port")[0]: _ancestors(r) for r in graph.get_results()}
+    only_u = reach["u"] - reach["h_out"]
+    shapes = {op.get_friendly_name(): str(op.get_output_partial_shape(0)) for op in graph.get_ordered_ops()
+              if op.get_output_size()}
+    req = compiled.create_infer_request()
+    for name, value in _feed(compiled, feed).items():
+        req.set_tensor(name, ov.Tensor(np.require(value, requirements="C")))
+    times: Dict[str, List[float]] = {}
+    kinds: Dict[str, tuple] = {}
+    for r in range(rounds + 20):
+        req.infer()
+        if r < 20:
+            continue
+        for info in req.get_profiling_info():
+            # The counters' status is no guide to what ran: a node under their 1 us resolution reads NOT_RUN in
+            # some calls. Parameters, constants and reshapes (views in OpenVINO CPU) do no work of their own.
+            if info.node_name in only_u and info.node_type not in ("Parameter", "Constant", "Reshape"):
+                times.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e6)
+                kinds[info.node_name] = (info.node_type, info.exec_type)
+    return [kinds[n] + (shapes.get(n, "?"), statistics.median(v)) for n, v in times.items()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", type=Path, default=Path("engines"))
@@ -156,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OpenVINO CPU threads (0: its default)")
     p.add_argument("--rounds", type=int, default=400)
     p.add_argument("--compiles", type=int, default=3, help="separate compilations of each form")
+    p.add_argument("--nodes", metavar="LAYER", default=None,
+                   help="also list the per-node times of this layer segment's UEM (e.g. layer_2)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.rounds < 1 or a.compiles < 1:
         p.error("--batch, --rounds and --compiles must be >= 1")
@@ -165,6 +213,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # no folder, no manifest, a changed file
         p.error(str(e))
     st = Stitcher(a.engines, m, a.batch)
+    if a.nodes is not None and not (a.nodes in st.segs and a.nodes.startswith("layer_")):
+        p.error(f"--nodes: {a.nodes!r} is not a layer segment of {a.engines} (layer_1 .. layer_{st.depth})")
     base = random_feed(st.segs["full"], a.batch, np.random.default_rng(0), int(m.model["num_classes"]))
     cfg = config(a.threads)
     reference = None
@@ -197,6 +247,18 @@ def main(argv=None) -> int:
     print(f"UEMs alone (+ UEMs - stitched) {share(ms['+ UEMs'] - ms['stitched']):+.1f}%, If plumbing alone "
           f"(Ifs - stitched) {share(ms['Ifs'] - ms['stitched']):+.1f}%, tests and the rest (exit graph - Ifs - "
           f"UEMs alone) {share(ms['exit graph'] - ms['Ifs'] - ms['+ UEMs'] + ms['stitched']):+.1f}% of full")
+    gated = st.depth - 1
+    per = lambda x: 1e3 * x / gated  # noqa: E731
+    print(f"per gated layer ({gated} of them): the 5% goal allows {per(0.05 * ms['full']):.1f} us; UEM "
+          f"{per(ms['+ UEMs'] - ms['stitched']):.1f} us, If {per(ms['Ifs'] - ms['stitched']):.1f} us, tests and "
+          f"the rest {per(ms['exit graph'] - ms['Ifs'] - ms['+ UEMs'] + ms['stitched']):.1f} us")
+    if a.nodes:
+        feed = random_feed(st.segs[a.nodes], a.batch, np.random.default_rng(1), 0)
+        rows = uem_nodes(a.engines / st.segs[a.nodes].file, feed, a.batch, a.threads, a.rounds)
+        print(f"{a.nodes}'s UEM node by node (OpenVINO per-node counters, 1 us resolution, median of {a.rounds} calls), "
+              f"{sum(r[3] for r in rows):.1f} us in all:")
+        for node_type, kernel, shape, us in rows:
+            print(f"  {node_type:>14} {kernel:<16} -> {shape:<12} {us:6.1f} us")
     return 0
 
 

@@ -54,3 +54,20 @@ def test_a_miswired_form_is_refused_before_timing(engines: Path, monkeypatch):
     monkeypatch.setattr(probe.Stitcher, "layer_inputs", skip_from_the_wrong_layer)
     with pytest.raises(SystemExit, match="stitched differs from full"):
         probe.main(["--engines", str(engines), "--rounds", "1", "--compiles", "1"])
+
+
+def test_nodes_lists_the_uem_and_nothing_of_the_layer(engines: Path, capsys):
+    probe = _probe()
+    assert probe.main(["--engines", str(engines), "--rounds", "2", "--compiles", "1", "--nodes", "layer_2"]) == 0
+    out = capsys.readouterr().out
+    listing = out.split("UEM node by node", 1)[1].splitlines()[1:]
+    types = {line.split()[0] for line in listing if line.strip()}
+    # the UEM's product and mean; the layer's own LayerNorm (MVN) and attention are not the UEM's
+    assert {"Slice", "FullyConnected", "ReduceMean"} <= types
+    assert "MVN" not in types and "Transpose" not in types
+
+
+def test_nodes_refuses_a_segment_that_is_not_a_layer(engines: Path):
+    with pytest.raises(SystemExit) as e:
+        _probe().main(["--engines", str(engines), "--rounds", "1", "--compiles", "1", "--nodes", "stem"])
+    assert e.value.code == 2
