@@ -17,6 +17,9 @@ class Ops {
   // The cudaStream_t engines must enqueue on (nullptr on CPU).
   virtual void* stream() const { return nullptr; }
   virtual int device_id() const { return 0; }
+  // Makes this Ops' device current for the calling thread: a Runtime on device 1 may be called
+  // from a thread whose current device is 0, and kernels, copies and engines must land on its own.
+  virtual void activate() {}
   // DLPack hand-off: make the consumer's stream (DLPack's integer convention: 1 legacy default,
   // 2 per-thread default, -1 none, else a cudaStream_t) wait for the work queued so far.
   virtual void hand_off(intptr_t /*consumer_stream*/) {}

@@ -107,6 +107,7 @@ class CudaOps final : public Ops {
   bool is_cuda() const override { return true; }
   void* stream() const override { return stream_; }
   int device_id() const override { return device_; }
+  void activate() override { check(cudaSetDevice(device_), "cudaSetDevice"); }
 
   void hand_off(intptr_t consumer) override {
     if (consumer == -1) return;
@@ -125,6 +126,7 @@ class CudaOps final : public Ops {
     return p;
   }
   void release(void* p) noexcept override {
+    cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     cudaFree(p);
   }
@@ -145,7 +147,9 @@ class CudaOps final : public Ops {
     fill_kernel<<<blocks(n), kThreads, 0, stream_>>>(dst, n, v);
     check(cudaGetLastError(), "fill kernel");
   }
+  // A launch of zero blocks is an error in CUDA, not a no-op: every launcher returns early on empty work.
   void iota_zero(int* idx, int* count, int n) override {
+    if (n <= 0) return;
     iota_kernel<<<blocks(n), kThreads, 0, stream_>>>(idx, count, n);
     check(cudaGetLastError(), "iota kernel");
   }
@@ -169,18 +173,22 @@ class CudaOps final : public Ops {
     return *m_host_;
   }
   void relative_change(float* score, const float* h, const float* prev, int n, int64_t row) override {
+    if (n <= 0) return;
     relative_change_kernel<<<n, kThreads, 0, stream_>>>(score, h, prev, row);
     check(cudaGetLastError(), "relative change kernel");
   }
   void sampler_step(const StepCoefs& c, float* x, const float* eps, float* x0_prev, int64_t n) override {
+    if (n <= 0) return;
     sampler_kernel<<<blocks(n), kThreads, 0, stream_>>>(c, x, eps, x0_prev, n);
     check(cudaGetLastError(), "sampler kernel");
   }
   void cfg_combine(float* out, const float* eps, int64_t half, float w) override {
+    if (half <= 0) return;
     cfg_kernel<<<blocks(half), kThreads, 0, stream_>>>(out, eps, half, w);
     check(cudaGetLastError(), "cfg kernel");
   }
   void clamp_unit(float* x, int64_t n) override {
+    if (n <= 0) return;
     clamp_kernel<<<blocks(n), kThreads, 0, stream_>>>(x, n);
     check(cudaGetLastError(), "clamp kernel");
   }

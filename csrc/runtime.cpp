@@ -291,6 +291,7 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
 void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o,
                       float* eps, int64_t* exit_layer, float* u) {
   std::lock_guard<std::mutex> lock(mu_);
+  ops_->activate();
   calls_ = 0;
   const Resolved r = resolve(o);
   check_inputs("denoise", batch, x, t, y, std::min(m_.max_batch, cap_));
@@ -309,6 +310,7 @@ void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* 
 
 void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, float* eps) {
   std::lock_guard<std::mutex> lock(mu_);
+  ops_->activate();
   calls_ = 0;
   check_inputs("full", batch, x, t, y, std::min(m_.max_batch, cap_));
   ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
@@ -341,6 +343,7 @@ double Runtime::resolve_guidance(const SampleOptions& o) const {
 void Runtime::sample(int batch, const float* noise, const int64_t* y, const SampleOptions& o, float* images,
                      std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out) {
   std::lock_guard<std::mutex> lock(mu_);
+  ops_->activate();
   calls_ = 0;
   if (o.sampler != "dpm++" && o.sampler != "ddim" && o.sampler != "euler")
     invalid("sampler must be one of 'dpm++', 'ddim', 'euler', got '" + o.sampler + "'");
