@@ -177,8 +177,12 @@ class UViT(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         """Shared output head g: hidden state -> noise prediction [B, C, H, W]."""
+        return self.final_conv(self.head_image(h))
+
+    def head_image(self, h: Tensor) -> Tensor:
+        """The head up to its final convolution: hidden state -> image [B, C, H, W]."""
         x = self.decoder_pred(self.norm(h))[:, self.config.num_extra_tokens:, :]
-        return self.final_conv(unpatchify(x, self.config.in_chans))
+        return unpatchify(x, self.config.in_chans)
 
     # ----- whole passes -----------------------------------------------------
     def run_layers(self, h: Tensor, on_layer=None) -> Tensor:

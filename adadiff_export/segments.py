@@ -2,7 +2,8 @@
 
 Each wrapper owns nothing but a reference to the model and calls its public pieces
 (`stem`, `layer`, `uncertainty`, `head`), so the exported graphs compute exactly what the
-reference early exit computes. Layers are numbered 1..N, the same numbers as exit layers.
+reference early exit computes; two of them in a form that runs faster on the engines
+(`mean_uncertainty`, `head`), equal up to float rounding. Layers are numbered 1..N, the same numbers as exit layers.
 """
 from __future__ import annotations
 
@@ -61,6 +62,30 @@ def mean_uncertainty(model: UViT, i: int, h: Tensor, temb: Tensor) -> Tensor:
     return torch.sigmoid(z).mean(dim=(1, 2))
 
 
+def head(model: UViT, h: Tensor) -> Tensor:
+    """`model.head(h)` for the graphs: with one image channel, the final 3x3 convolution becomes nine
+    shifted multiply-adds.
+
+    OpenVINO CPU runs a Convolution with one input and one output channel at a small fraction of
+    its usual speed: it was the largest single node of a batch-1 forward of the shipped model.
+    Nine scaled slices fuse into one elementwise kernel instead (`scripts/head_conv_probe.py` times
+    both forms). It is equal to the convolution up to float rounding (about 1e-7 relative).
+    Several channels keep the Convolution, which OpenVINO runs well.
+    """
+    conv = model.final_conv
+    if conv.in_channels != 1:
+        return model.head(h)
+    x = model.head_image(h)
+    size = x.shape[-1]
+    padded = F.pad(x, (1, 1, 1, 1))
+    w = conv.weight[0, 0]
+    out = conv.bias.view(1, 1, 1, 1)
+    for i in range(3):
+        for j in range(3):
+            out = out + w[i, j] * padded[:, :, i:i + size, j:j + size]
+    return out
+
+
 class HeadSegment(nn.Module):
     """h -> eps."""
 
@@ -69,7 +94,7 @@ class HeadSegment(nn.Module):
         self.model = model
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.model.head(h)
+        return head(self.model, h)
 
 
 class FullSegment(nn.Module):
@@ -80,7 +105,8 @@ class FullSegment(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        return self.model(x, t, y)
+        h, _ = self.model.stem(x, t, y)
+        return head(self.model, self.model.run_layers(h))
 
 
 def block_kind(model: UViT, index: int) -> str:

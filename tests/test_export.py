@@ -81,6 +81,31 @@ def test_skip_wiring_of_in_mid_and_out_layers(built):
     ]
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_graph_forms_equal_the_model_pieces(channels: int):
+    """The exporter writes the head (one channel: the 3x3 convolution as shifted multiply-adds) and the
+    UEM's mean in faster forms than the model's own; parity checks compare the engines with these forms,
+    so this ties the forms to the model."""
+    from dataclasses import replace
+
+    from adadiff_export.config import preset
+    from adadiff_export.model import UViT
+    from adadiff_export.segments import head, mean_uncertainty
+
+    torch.manual_seed(1)
+    model = UViT(replace(preset("tiny"), in_chans=channels)).eval()
+    with torch.no_grad():
+        model.final_conv.weight.normal_()
+        model.final_conv.bias.normal_()
+        h, temb = torch.randn(3, model.config.num_tokens, model.config.embed_dim), torch.randn(3, model.config.embed_dim)
+        want = model.head(h)
+        got = head(model, h)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        assert torch.allclose(mean_uncertainty(model, 2, h, temb), model.uncertainty(2, h, temb).mean(dim=(1, 2, 3)),
+                              rtol=1e-5, atol=1e-7)
+
+
 def test_segment_parity_on_fresh_inputs(built):
     out, _, model, lines = built
     assert any(line.startswith("parity onnxruntime vs PyTorch") for line in lines)

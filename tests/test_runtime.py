@@ -155,7 +155,9 @@ def test_default_threshold_comes_from_manifest(rt, model, engines):
     a = rt.denoise(x, t, y)
     b = rt.denoise(x, t, y, threshold=default)
     np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_array_equal(a[0], b[0])
+    # not bit for bit: a batch size's third call switches it to a static-batch compilation, whose kernels
+    # may round differently from the dynamic model's (an ulp in the head's fused multiply-adds)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler,steps,guidance", [("dpm++", 6, 2.0), ("ddim", 5, 1.0), ("dpm++", 4, 1.0)])
