@@ -15,7 +15,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import onnx
 import torch
@@ -65,9 +65,11 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
 
 
 def export_segment(model: UViT, spec: Segment, path: Path, max_batch: int,
-                   uncertainty_map: bool = False, opset: int = OPSET) -> None:
-    """Write `spec`'s segment of `model` to `path` (one self-contained .onnx file) and check it."""
-    module: nn.Module = segment_module(model, spec, uncertainty_map).eval()
+                   uncertainty_map: bool = False, opset: int = OPSET, module: Optional[nn.Module] = None) -> None:
+    """Write `spec`'s segment of `model` to `path` (one self-contained .onnx file) and check it.
+
+    `module` replaces the segment's own module (same inputs and outputs): a probe comparing graph forms."""
+    module = (module or segment_module(model, spec, uncertainty_map)).eval()
     example = tuple(random_inputs(model, spec, min(2, max_batch), torch.Generator().manual_seed(0)))
     batch = torch.export.Dim(BATCH, min=1, max=max_batch)
     dynamic = {ts.name: {0: batch} for ts in spec.inputs}

@@ -71,3 +71,25 @@ def test_nodes_refuses_a_segment_that_is_not_a_layer(engines: Path):
     with pytest.raises(SystemExit) as e:
         _probe().main(["--engines", str(engines), "--rounds", "1", "--compiles", "1", "--nodes", "stem"])
     assert e.value.code == 2
+
+
+def _head_probe():
+    spec = importlib.util.spec_from_file_location("head_conv_probe", SCRIPT.parent / "head_conv_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_head_probe_times_both_forms_at_each_batch(tiny_checkpoint: Path, capsys):
+    assert _head_probe().main(["--checkpoint", str(tiny_checkpoint), "--batches", "1", "3", "--rounds", "2"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "|" in line][1:]
+    assert [int(r[0]) for r in rows] == [1, 3]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[-1]) <= 1e-5 for r in rows)
+
+
+def test_head_probe_refuses_forms_that_differ(tiny_checkpoint: Path, monkeypatch):
+    from adadiff_export import segments
+
+    monkeypatch.setattr(segments, "head", lambda model, h: model.head(h) * 1.01)
+    with pytest.raises(SystemExit, match="differ"):
+        _head_probe().main(["--checkpoint", str(tiny_checkpoint), "--batches", "1", "--rounds", "1"])
