@@ -97,7 +97,8 @@ def test_the_graph_forms_equal_the_model_pieces(channels: int):
     with torch.no_grad():
         model.final_conv.weight.normal_()
         model.final_conv.bias.normal_()
-        h, temb = torch.randn(3, model.config.num_tokens, model.config.embed_dim), torch.randn(3, model.config.embed_dim)
+        h = torch.randn(3, model.config.num_tokens, model.config.embed_dim)
+        temb = torch.randn(3, model.config.embed_dim)
         want = model.head(h)
         got = head(model, h)
         assert got.shape == want.shape
