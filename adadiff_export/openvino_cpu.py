@@ -39,3 +39,17 @@ def static_batch(model, batch: int) -> None:
     rows; scalar inputs (a threshold, a flag) stay as they are."""
     model.reshape({p.get_any_name(): [batch] + [d.get_length() for d in list(p.get_partial_shape())[1:]]
                    for p in model.inputs if p.get_partial_shape().rank.get_length() > 0})
+
+
+def bound_request(compiled, feed: Dict[str, "np.ndarray"]):
+    """An infer request of `compiled` (an ov.CompiledModel) with each of its inputs bound to `feed[name]`;
+    entries of `feed` the model does not take are ignored, an input `feed` lacks is a KeyError."""
+    import numpy as np
+    import openvino as ov
+
+    request = compiled.create_infer_request()
+    for port in compiled.inputs:
+        name = port.get_any_name()
+        # np.require keeps a scalar 0-d (np.ascontiguousarray would make it shape (1,))
+        request.set_tensor(name, ov.Tensor(np.require(feed[name], requirements="C")))
+    return request

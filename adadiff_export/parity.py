@@ -63,6 +63,11 @@ class ChainResult:
     mean_layers: float
 
 
+def max_relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """max |ref - got| / max |ref|: the probes' check that two graph forms compute the same thing."""
+    return float(np.abs(ref - got).max() / max(float(np.abs(ref).max()), 1e-30))
+
+
 def normalized_error(ref: np.ndarray, got: np.ndarray) -> float:
     """mse(ref, got) / mse(ref, 0); inf when shapes differ or got is not finite."""
     ref = np.asarray(ref, dtype=np.float64)

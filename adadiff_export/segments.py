@@ -76,13 +76,13 @@ def head(model: UViT, h: Tensor) -> Tensor:
     if conv.in_channels != 1:
         return model.head(h)
     x = model.head_image(h)
-    size = x.shape[-1]
+    rows, cols = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1))
     w = conv.weight[0, 0]
     out = conv.bias.view(1, 1, 1, 1)
     for i in range(3):
         for j in range(3):
-            out = out + w[i, j] * padded[:, :, i:i + size, j:j + size]
+            out = out + w[i, j] * padded[:, :, i:i + rows, j:j + cols]
     return out
 
 

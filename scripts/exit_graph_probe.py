@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adadiff_export.bench import rotating_times  # noqa: E402
 from adadiff_export.manifest import Manifest, load  # noqa: E402
-from adadiff_export.openvino_cpu import compile_static, config, static_batch  # noqa: E402
-from adadiff_export.parity import random_feed  # noqa: E402
+from adadiff_export.openvino_cpu import bound_request, compile_static, config, static_batch  # noqa: E402
+from adadiff_export.parity import max_relative_error, random_feed  # noqa: E402
 
 FORMS = ("full", "stitched", "+ UEMs", "Ifs", "exit graph")
 
@@ -145,14 +145,9 @@ class Stitcher:
         return [node.set_output(t, e) for t, e in zip(then_results, else_results)]
 
 
-def _feed(model: ov.CompiledModel, base: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    names = {i.get_any_name() for i in model.inputs}
-    feed = {k: v for k, v in base.items() if k in names}
-    if "thr" in names:
-        feed["thr"] = np.array(0.0, np.float32)
-    if "skip_layers" in names:
-        feed["skip_layers"] = np.array(False)
-    return feed
+def _feed(base: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`base` plus the probe forms' own inputs: threshold 0 (every layer runs) and no layer skipped."""
+    return {**base, "thr": np.array(0.0, np.float32), "skip_layers": np.array(False)}
 
 
 def _ancestors(node) -> Set[str]:
@@ -177,9 +172,7 @@ def uem_nodes(path: Path, feed: Dict[str, np.ndarray], batch: int, threads: int,
     only_u = reach["u"] - reach["h_out"]
     shapes = {op.get_friendly_name(): str(op.get_output_partial_shape(0)) for op in graph.get_ordered_ops()
               if op.get_output_size()}
-    req = compiled.create_infer_request()
-    for name, value in _feed(compiled, feed).items():
-        req.set_tensor(name, ov.Tensor(np.require(value, requirements="C")))
+    req = bound_request(compiled, feed)
     times: Dict[str, List[float]] = {}
     kinds: Dict[str, tuple] = {}
     for r in range(rounds + 20):
@@ -222,14 +215,12 @@ def main(argv=None) -> int:
     for c in range(a.compiles):
         for form in FORMS:
             compiled = st.core.compile_model(st.build(form), "CPU", cfg)
-            req = compiled.create_infer_request()
-            for name, value in _feed(compiled, base).items():
-                req.set_tensor(name, ov.Tensor(np.require(value, requirements="C")))
+            req = bound_request(compiled, _feed(base))
             req.infer()
             eps = req.get_tensor("eps").data.copy()
             if reference is None:
                 reference = eps
-            err = float(np.abs(eps - reference).max() / np.abs(reference).max())
+            err = max_relative_error(reference, eps)
             if err > 1e-4:
                 raise SystemExit(f"{form} differs from full: max relative error {err:.2e}")
             calls[(form, c)] = (lambda req=req: req.infer())

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Dict
 
 import numpy as np
-import openvino as ov
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adadiff_export import checkpoint  # noqa: E402
 from adadiff_export.bench import machine, machine_line, rotating_times  # noqa: E402
 from adadiff_export.onnx_export import export_segment  # noqa: E402
-from adadiff_export.openvino_cpu import compile_static  # noqa: E402
+from adadiff_export.openvino_cpu import bound_request, compile_static  # noqa: E402
+from adadiff_export.parity import max_relative_error, random_feed  # noqa: E402
 from adadiff_export.segments import segment_specs  # noqa: E402
 
 
@@ -43,25 +43,11 @@ class ModelHead(nn.Module):
         return self.model.head(h)
 
 
-def _inputs(model, batch: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    """Inputs of the head (h) and of `full` (x, t, y) for one batch size."""
-    c = model.config
-    return {"h": rng.standard_normal((batch, c.num_tokens, c.embed_dim)).astype(np.float32),
-            "x": rng.standard_normal((batch, c.in_chans, c.img_size, c.img_size)).astype(np.float32),
-            "t": rng.uniform(0.01, 1, batch).astype(np.float32), "y": rng.integers(0, c.num_classes + 1, batch)}
-
-
 def _request(path: Path, batch: int, threads: int, feed: Dict[str, np.ndarray]):
     """An infer request of `path` compiled for `batch` rows, its inputs bound from `feed`, run once."""
-    req = compile_static(path, batch, threads).create_infer_request()
-    for port in req.model_inputs:
-        req.set_tensor(port.get_any_name(), ov.Tensor(np.ascontiguousarray(feed[port.get_any_name()])))
+    req = bound_request(compile_static(path, batch, threads), feed)
     req.infer()
     return req
-
-
-def _difference(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-30))
 
 
 def main(argv=None) -> int:
@@ -80,14 +66,16 @@ def main(argv=None) -> int:
     specs = {s.name: s for s in segment_specs(model)}
     forms = {"Convolution": ModelHead(model), "multiply-adds": None}  # None: the exporter's own head
     rng = np.random.default_rng(0)
-    feeds = {b: _inputs(model, b, rng) for b in a.batches}
+    # the head's h and full's x, t, y for each batch size
+    feeds = {b: {**random_feed(specs["head"], b, rng, model.config.num_classes),
+                 **random_feed(specs["full"], b, rng, model.config.num_classes)} for b in a.batches}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {name: Path(tmp) / f"head_{k}.onnx" for k, name in enumerate(forms)}
         for name, module in forms.items():
             export_segment(model, specs["head"], files[name], max(2, *a.batches), module=module)
         heads = {b: {n: _request(files[n], b, a.threads, feeds[b]) for n in forms} for b in a.batches}
-        errors = {b: _difference(*(r.get_output_tensor(0).data for r in heads[b].values())) for b in a.batches}
+        errors = {b: max_relative_error(*(r.get_output_tensor(0).data for r in heads[b].values())) for b in a.batches}
         for b, err in errors.items():
             if err > 1e-5:
                 raise SystemExit(f"batch {b}: the two head forms differ by {err:.1e} (relative): not timed")

@@ -24,20 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adadiff_export.manifest import load  # noqa: E402
-from adadiff_export.openvino_cpu import compile_static  # noqa: E402
+from adadiff_export.openvino_cpu import bound_request, compile_static  # noqa: E402
 from adadiff_export.parity import random_feed  # noqa: E402
-
-
-def _request(compiled, feed):
-    req = compiled.create_infer_request()
-    for name, value in feed.items():
-        req.set_tensor(name, ov.Tensor(np.ascontiguousarray(value)))
-    return req
 
 
 def _rounds(cases: dict, rounds: int) -> dict:
@@ -82,16 +74,16 @@ def main(argv=None) -> int:
     def compiled(name, counters=False):
         return compile_static(files[name], a.batch, a.threads, {"PERF_COUNT": "YES"} if counters else None)
 
-    chain = [_request(compiled(n), feeds[n]) for n in chain_names]
-    full = _request(compiled("full"), feeds["full"])
+    chain = [bound_request(compiled(n), feeds[n]) for n in chain_names]
+    full = bound_request(compiled("full"), feeds["full"])
     run_chain = lambda: [r.infer() for r in chain]  # noqa: E731
     t = _rounds({"chain": run_chain, "full": full.infer}, a.rounds)
     before = _voluntary_switches()
     for _ in range(100):
         run_chain()
     switches = (_voluntary_switches() - before) / 100
-    counted_chain = [_request(compiled(n, True), feeds[n]) for n in chain_names]
-    counted_full = _request(compiled("full", True), feeds["full"])
+    counted_chain = [bound_request(compiled(n, True), feeds[n]) for n in chain_names]
+    counted_full = bound_request(compiled("full", True), feeds["full"])
     for _ in range(50):
         [r.infer() for r in counted_chain], counted_full.infer()
     nodes_chain, nodes_full = sum(_node_us(r) for r in counted_chain) / 1e3, _node_us(counted_full) / 1e3
@@ -101,9 +93,9 @@ def main(argv=None) -> int:
           f"{1e3 * (t['chain'] - nodes_chain) / len(chain):.0f} us per segment vs "
           f"{1e3 * (t['full'] - nodes_full):.0f} us for full; voluntary context switches per chain {switches:.1f}")
     one = compiled("layer_2")
-    same = [_request(one, feeds["layer_2"]) for _ in range(7)]
-    copies = [_request(compiled("layer_2"), feeds["layer_2"]) for _ in range(7)]
-    distinct = [_request(compiled(f"layer_{i}"), feeds[f"layer_{i}"]) for i in range(1, 8)]
+    same = [bound_request(one, feeds["layer_2"]) for _ in range(7)]
+    copies = [bound_request(compiled("layer_2"), feeds["layer_2"]) for _ in range(7)]
+    distinct = [bound_request(compiled(f"layer_{i}"), feeds[f"layer_{i}"]) for i in range(1, 8)]
     t = _rounds({k: (lambda rs=rs: [r.infer() for r in rs]) for k, rs in
                  (("same", same), ("copies", copies), ("distinct", distinct))}, a.rounds)
     print(f"2. 7 requests of one compiled layer {t['same']:.3f} ms; 7 compiled copies of that layer "
@@ -111,9 +103,9 @@ def main(argv=None) -> int:
     layers = [n for n in chain_names if n.startswith("layer_")]
     cases = {}
     for n in layers:
-        cases[n] = (lambda r=_request(compiled(n), feeds[n]): r.infer())
+        cases[n] = (lambda r=bound_request(compiled(n), feeds[n]): r.infer())
         without_u = compile_static(files[n], a.batch, a.threads, drop_outputs=("u",))
-        cases[n + "-u"] = (lambda r=_request(without_u, feeds[n]): r.infer())
+        cases[n + "-u"] = (lambda r=bound_request(without_u, feeds[n]): r.infer())
     t = _rounds(cases, a.rounds)
     per_layer = [1e3 * (t[n] - t[n + "-u"]) for n in layers]
     print(f"3. each layer's UEM (the layer compiled with and without its u output, all in rotation): "
