@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import Loaded
-from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
-from .model import UViT
-from .samplers import guided, sample_dpm_solver_pp
+from .model.checkpoint import Loaded
+from .model.uvit import UViT
+from .sampling.early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
+from .sampling.samplers import guided, sample_dpm_solver_pp
 
 FULL_PEERS = ("torch-eager", "onnxruntime", "openvino")
 
@@ -222,7 +222,7 @@ def onnxruntime_full(path: Path, threads: int) -> Callable:
 def openvino_full(path: Path, threads: int) -> Callable:
     """OpenVINO CPU on `full`, compiled for each batch size it meets (as adadiff_rt promotes a recurring batch to a
     static compile) with adadiff_rt's properties."""
-    from .openvino_cpu import compile_static
+    from .export.openvino_cpu import compile_static
 
     compiled = {}
 
@@ -406,7 +406,7 @@ def ideal_speedup(layers: np.ndarray, costs: SegmentCosts) -> float:
 
 def profile_segments(engines: Path, batch: int, threads: int = 0) -> SegmentCosts:
     """Per-segment latency at `batch` through OpenVINO f32 (the engine adadiff_rt runs on CPU), from `profile`."""
-    from .profile import segment_costs
+    from .export.profile import segment_costs
 
     costs = segment_costs(engines, engine="openvino", batch=batch, warmup=2, iters=7, threads=threads or None)
     n = sum(1 for k in costs if k.startswith("layer_"))
@@ -426,8 +426,8 @@ class Quality:
 def measure_quality(sample_fn: SampleFn, clf, shape: Tuple[int, int, int], num_classes: int, n: int, chunk: int,
                     steps: int, seed: int) -> Quality:
     """Sample n images (labels i % classes) in chunks with `sample_fn`, then FD and class accuracy."""
-    from .generate import noise_and_labels
-    from .metrics import class_accuracy, fd_to_test_set
+    from .quality.metrics import class_accuracy, fd_to_test_set
+    from .sampling.generate import noise_and_labels
 
     noise, labels = noise_and_labels(shape, num_classes, n, seed)
     images, layers, ms = [], [], []
@@ -473,7 +473,7 @@ def match_threshold(mean_layers: Callable[[float], float], target_layers: float,
 # ----- engines ------------------------------------------------------------------------------
 def engines_match(folder: Path, checkpoint: Path, max_batch: int = 1) -> bool:
     """True when `folder` holds a build of this very checkpoint (by sha256) for at least `max_batch`."""
-    from .manifest import sha256_file
+    from .export.manifest import sha256_file
 
     manifest = Path(folder) / "manifest.json"
     if not manifest.exists():
@@ -489,7 +489,7 @@ def ensure_engines(checkpoint: Path, folder: Path, max_batch: int) -> Path:
     """Reuse `folder` when it was built from this very checkpoint with a large enough max batch; else build it."""
     if engines_match(folder, checkpoint, max_batch):
         return Path(folder)
-    from .build import build_engines
+    from .export.build import build_engines
 
     build_engines(checkpoint, folder, max_batch=max_batch, precision="fp32", tensorrt="off", force=True)
     return Path(folder)
@@ -608,7 +608,7 @@ def _quality_runs(loaded: Loaded, runtime, clf, cfg: BenchConfig, thr: float, w:
                   rt_sat: bool, progress) -> Tuple[Dict[str, Quality], Dict[str, float]]:
     """FD/accuracy for full depth, the uem sweep (both granularities at the default), static and saturation
     matched to each uem point. Returns the qualities by key and the saturation thresholds by uem threshold."""
-    from .generate import noise_and_labels
+    from .sampling.generate import noise_and_labels
 
     c = loaded.model.config
     shape, chunk = (c.in_chans, c.img_size, c.img_size), min(64, cfg.n_quality)
@@ -670,8 +670,8 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     """The whole bench on the shipped (or given) checkpoint: quality runs, timing cells, figures."""
     from tqdm import tqdm
 
-    from .generate import default_guidance, default_threshold
-    from .metrics import load_classifier
+    from .quality.metrics import load_classifier
+    from .sampling.generate import default_guidance, default_threshold
 
     thr = cfg.threshold if cfg.threshold is not None else default_threshold(loaded)
     w = cfg.guidance if cfg.guidance is not None else default_guidance(loaded)
@@ -704,7 +704,7 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
         if workload == "denoise":
             inputs = denoise_inputs(loaded, b, cfg.seed, real)
         else:
-            from .generate import noise_and_labels
+            from .sampling.generate import noise_and_labels
 
             inputs = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, b, cfg.seed)
         cell = time_cell(_cell_contenders(cts, workload, b, cfg), "small", workload, b, inputs, cfg.steps, cfg,
@@ -729,7 +729,7 @@ def _real_images(loaded: Loaded) -> Optional[Tensor]:
     if (c.img_size, c.in_chans) != (28, 1):
         return None
     try:
-        from .data import load_fashion_mnist
+        from .training.data import load_fashion_mnist
 
         return load_fashion_mnist("test").images[:128]
     except Exception:  # the data package is optional for timing; random images do as well
@@ -764,8 +764,8 @@ def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) 
     """The U-ViT-S/2 CIFAR-10 shape, untrained: exported and timed like the shipped model (denoise only)."""
     from tqdm import tqdm
 
-    from .checkpoint import load, save_untrained
-    from .config import preset
+    from .model.checkpoint import load, save_untrained
+    from .model.config import preset
 
     ckpt = save_untrained(preset("uvit-s-cifar10"), cfg.out / "uvit_s_cifar10_untrained.pt", cfg.seed)
     loaded = load(ckpt)
@@ -901,7 +901,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
 
 def run(cfg: BenchConfig, command: str, json_path: Optional[Path] = None, progress: bool = True) -> BenchResult:
     """Run the bench and write bench.md, bench.json and the figures into cfg.out (and JSON to json_path)."""
-    from .checkpoint import SHIPPED_CHECKPOINT, load
+    from .model.checkpoint import SHIPPED_CHECKPOINT, load
 
     if cfg.n_quality < 2:
         raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {cfg.n_quality}")

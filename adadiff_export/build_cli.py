@@ -15,9 +15,9 @@ def reports_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     """
     @functools.wraps(fn)
     def wrapper(a: argparse.Namespace) -> int:
-        from .build import BuildError
-        from .onnx_export import ExportError
-        from .parity import ParityError
+        from .export.build import BuildError
+        from .export.onnx_export import ExportError
+        from .export.parity import ParityError
 
         try:
             return fn(a)
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
 
 @reports_errors
 def _cmd_build(a: argparse.Namespace) -> int:
-    from .build import build_engines
+    from .export.build import build_engines
 
     cal = {}
     if a.target_layers is not None or a.max_mse is not None:

@@ -47,8 +47,8 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .losses import LossConfig
-    from .train import TrainConfig, train
+    from .training.losses import LossConfig
+    from .training.train import TrainConfig, train
 
     cfg = TrainConfig(
         out=a.out, config=a.config, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
@@ -64,7 +64,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _subcommands() -> List[Callable]:
     """Each entry adds one sub-command parser. Command modules import heavy things lazily."""
-    from . import bench, build_cli, calibrate, classifier, demo, evaluate_cli, profile, sample_cli, verify
+    from . import bench, build_cli, demo, evaluate_cli, sample_cli
+    from .export import calibrate, profile, verify
+    from .quality import classifier
     return [_add_train, classifier.add_parser, sample_cli.add_parser, evaluate_cli.add_parser, build_cli.add_parser,
             verify.add_parser, profile.add_parser, calibrate.add_parser, bench.add_parser, demo.add_parser]
 
@@ -80,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
+    from .model.checkpoint import CheckpointError
+    from .training.data import DataError
 
     args = build_parser().parse_args(argv)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .bench import (Contender, Quality, RtSetting, _full_layers, engines_match, machine, machine_line,
                     measure_quality, open_runtime, openvino_full, python_contender, rt_contender)
-from .checkpoint import SHIPPED_CHECKPOINT, Loaded, load
+from .model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class DemoConfig:
 
 def prepare_engines(engines: Path, checkpoint: Path) -> str:
     """Build unless a valid build is there, then verify; returns what was done, for the log."""
-    from .build import build_engines
-    from .verify import verify
+    from .export.build import build_engines
+    from .export.verify import verify
 
     def log(line: str) -> None:
         print("    " + line)
@@ -82,8 +82,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
     """Everything the demo does; returns the paths of the pictures."""
     from tqdm import tqdm
 
-    from .generate import default_guidance, default_threshold
-    from .metrics import load_classifier
+    from .quality.metrics import load_classifier
+    from .sampling.generate import default_guidance, default_threshold
 
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else SHIPPED_CHECKPOINT
     loaded = load(checkpoint)
@@ -121,8 +121,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
 def _pictures(loaded: Loaded, cts: Dict[str, Contender], cfg: DemoConfig, thr: float, w: float) -> List[Path]:
     """Figures 3 and 4 from adadiff_rt (same noise, 16 images), Figures 1 and 6 from the PyTorch oracle."""
     from . import figures as F
-    from .generate import noise_and_labels
-    from .samplers import time_grid
+    from .sampling.generate import noise_and_labels
+    from .sampling.samplers import time_grid
 
     c = loaded.model.config
     noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, 16, cfg.seed)

@@ -45,9 +45,9 @@ def _row(name: str, p, depth: int) -> str:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
-    from .generate import default_threshold, evaluate
-    from .metrics import FD_NOTE, load_classifier
+    from .model import checkpoint as ckpt
+    from .quality.metrics import FD_NOTE, load_classifier
+    from .sampling.generate import default_threshold, evaluate
 
     if a.n < 2:
         raise ValueError(f"--n must be >= 2 (FD needs a covariance), got {a.n}")

@@ -2,7 +2,7 @@
 
 Each `plot_*` function takes measured data and writes one PNG; `oracle_figure_data`
 measures the data of Figures 1, 3, 4 and 6 from a model with the PyTorch reference
-early exit (`adadiff_export.early_exit`). Figure 5 (the quality-speed trade-off)
+early exit (`adadiff_export.sampling.early_exit`). Figure 5 (the quality-speed trade-off)
 takes the rows of a benchmark run, so its time axis is measured wall-clock time.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .early_exit import EarlyExitDenoiser, ExitPolicy, FULL_DEPTH
-from .images import grid
-from .model import UViT
-from .samplers import guided, sample, time_grid
-from .schedule import VPSchedule
+from .model.schedule import VPSchedule
+from .model.uvit import UViT
+from .sampling.early_exit import EarlyExitDenoiser, ExitPolicy, FULL_DEPTH
+from .sampling.images import grid
+from .sampling.samplers import guided, sample, time_grid
 
 DPI = 110
 POLICY_STYLE = {"uem": ("tab:blue", "o"), "static": ("tab:orange", "s"), "saturation": ("tab:green", "^")}

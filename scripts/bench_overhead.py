@@ -38,12 +38,12 @@ sys.path.insert(0, str(ROOT))
 def _engines(args: argparse.Namespace) -> Path:
     if (args.engines / "manifest.json").is_file():
         return args.engines
-    from adadiff_export.build import build_engines
+    from adadiff_export.export.build import build_engines
 
     checkpoint = args.checkpoint
     if args.config:
-        from adadiff_export.checkpoint import save_untrained
-        from adadiff_export.config import preset
+        from adadiff_export.model.checkpoint import save_untrained
+        from adadiff_export.model.config import preset
 
         checkpoint = save_untrained(preset(args.config), args.engines.parent / f"{args.config}_untrained.pt")
     print(f"building {args.engines} from {checkpoint or 'the shipped checkpoint'} ...", flush=True)

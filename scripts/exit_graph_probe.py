@@ -2,7 +2,7 @@
 
 adadiff_rt runs `denoise` with the uem policy as one OpenVINO graph stitched from the segments (see
 csrc/openvino_engine.cpp, exit_graph). This probe stitches the same segments with the openvino Python API
-into forms that add one ingredient at a time, compiles each like adadiff_rt does (adadiff_export.openvino_cpu:
+into forms that add one ingredient at a time, compiles each like adadiff_rt does (adadiff_export.export.openvino_cpu:
 f32, latency, one stream, the given threads, static batch) and times them against `full`:
 
   stitched         stem, layers 1..N, head: the `full` computation from the segments (u outputs dropped, so
@@ -43,9 +43,9 @@ from openvino import opset8, opset13 as ops
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adadiff_export.bench import rotating_times  # noqa: E402
-from adadiff_export.manifest import Manifest, load  # noqa: E402
-from adadiff_export.openvino_cpu import bound_request, compile_static, config, static_batch  # noqa: E402
-from adadiff_export.parity import max_relative_error, random_feed  # noqa: E402
+from adadiff_export.export.manifest import Manifest, load  # noqa: E402
+from adadiff_export.export.openvino_cpu import bound_request, compile_static, config, static_batch  # noqa: E402
+from adadiff_export.export.parity import max_relative_error, random_feed  # noqa: E402
 
 FORMS = ("full", "stitched", "+ UEMs", "Ifs", "exit graph")
 

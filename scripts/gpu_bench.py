@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adadiff_export import bench  # noqa: E402
-from adadiff_export.checkpoint import SHIPPED_CHECKPOINT, Loaded, load  # noqa: E402
-from adadiff_export.generate import default_guidance, default_threshold, noise_and_labels  # noqa: E402
+from adadiff_export.model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load  # noqa: E402
+from adadiff_export.sampling.generate import default_guidance, default_threshold, noise_and_labels  # noqa: E402
 
 
 def torch_segments(model, manifest: dict, device: torch.device) -> Dict[str, Callable]:
@@ -181,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load(a.checkpoint)
     loaded.model.to(device)
     if not bench.engines_match(a.engines, a.checkpoint, max(a.batches)):
-        from adadiff_export.build import build_engines
+        from adadiff_export.export.build import build_engines
 
         build_engines(a.checkpoint, a.engines, max_batch=max(64, max(a.batches)), tensorrt="off", force=True)
     manifest = json.loads((a.engines / "manifest.json").read_text())

@@ -52,9 +52,9 @@ import sys, tempfile
 sys.path.insert(0, "tests")
 from conftest import tiny_model
 from runtime_engines import inputs, manifest_only, torch_segments, rel_err
-from adadiff_export.config import preset
-from adadiff_export.early_exit import ExitPolicy, early_exit
-from adadiff_export.model import UViT
+from adadiff_export.model.config import preset
+from adadiff_export.sampling.early_exit import ExitPolicy, early_exit
+from adadiff_export.model.uvit import UViT
 
 def timed(fn, n=20):
     fn(); torch.cuda.synchronize()

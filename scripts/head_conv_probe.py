@@ -2,7 +2,7 @@
 
 With one image channel the model ends in a 3x3 Convolution with one input and one output channel, which
 OpenVINO CPU runs at a small fraction of its usual speed. The exporter writes that convolution as nine
-shifted multiply-adds instead (adadiff_export.segments.head). This probe exports the head of one
+shifted multiply-adds instead (adadiff_export.export.segments.head). This probe exports the head of one
 checkpoint both ways with the exporter's own settings, checks the two against each other (eps within
 1e-5 relative), compiles both like adadiff_rt does (f32, latency, one stream, the given threads, static
 batch) together with the exported `full` for scale, and times all three in rotation, call by call.
@@ -24,12 +24,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adadiff_export import checkpoint  # noqa: E402
 from adadiff_export.bench import machine, machine_line, rotating_times  # noqa: E402
-from adadiff_export.onnx_export import export_segment  # noqa: E402
-from adadiff_export.openvino_cpu import bound_request, compile_static  # noqa: E402
-from adadiff_export.parity import max_relative_error, random_feed  # noqa: E402
-from adadiff_export.segments import segment_specs  # noqa: E402
+from adadiff_export.export.onnx_export import export_segment  # noqa: E402
+from adadiff_export.export.openvino_cpu import bound_request, compile_static  # noqa: E402
+from adadiff_export.export.parity import max_relative_error, random_feed  # noqa: E402
+from adadiff_export.export.segments import segment_specs  # noqa: E402
+from adadiff_export.model import checkpoint  # noqa: E402
 
 
 class ModelHead(nn.Module):

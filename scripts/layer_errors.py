@@ -1,7 +1,7 @@
 """Each layer's noise prediction against the TRUE noise, and each layer's mean uncertainty, on noised test images.
 
 The README's per-layer table: where an early exit can be trusted, and whether the UEMs say so.
-(`adadiff_export.metrics.per_layer_error` is the paper's Figure 1, each layer against the final layer.)
+(`adadiff_export.quality.metrics.per_layer_error` is the paper's Figure 1, each layer against the final layer.)
 
     python scripts/layer_errors.py                                # the shipped checkpoint
     python scripts/layer_errors.py runs/x/ckpt.pt --t 0.2 0.5     # a training checkpoint (its EMA weights)
@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adadiff_export.checkpoint import load  # noqa: E402
-from adadiff_export.data import load_fashion_mnist  # noqa: E402
-from adadiff_export.metrics import prediction_mse  # noqa: E402
+from adadiff_export.model.checkpoint import load  # noqa: E402
+from adadiff_export.quality.metrics import prediction_mse  # noqa: E402
+from adadiff_export.training.data import load_fashion_mnist  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Where the segmented model's batch-1 overhead goes, measured on OpenVINO alone (no adadiff_rt code).
 
-Compiles an engines folder's segments like adadiff_rt does (adadiff_export.openvino_cpu) at one batch size and
+Compiles an engines folder's segments like adadiff_rt does (adadiff_export.export.openvino_cpu) at one batch size and
 prints, medians of interleaved rounds:
   1. the chain of all segments (stem, layers, head) against `full`, wall time and OpenVINO's per-node counters
      summed (the rest of the wall time is per-infer cost outside the nodes; rough: the counters come from a
@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adadiff_export.manifest import load  # noqa: E402
-from adadiff_export.openvino_cpu import bound_request, compile_static  # noqa: E402
-from adadiff_export.parity import random_feed  # noqa: E402
+from adadiff_export.export.manifest import load  # noqa: E402
+from adadiff_export.export.openvino_cpu import bound_request, compile_static  # noqa: E402
+from adadiff_export.export.parity import random_feed  # noqa: E402
 
 
 def _rounds(cases: dict, rounds: int) -> dict:

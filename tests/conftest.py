@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adadiff_export import checkpoint as ckpt  # noqa: E402
-from adadiff_export.config import preset  # noqa: E402
-from adadiff_export.model import UViT  # noqa: E402
-from adadiff_export.schedule import VPSchedule  # noqa: E402
+from adadiff_export.model import checkpoint as ckpt  # noqa: E402
+from adadiff_export.model.config import preset  # noqa: E402
+from adadiff_export.model.schedule import VPSchedule  # noqa: E402
+from adadiff_export.model.uvit import UViT  # noqa: E402
 
 
 def tiny_model(seed: int = 0, uem_gain: float = 1.0) -> UViT:

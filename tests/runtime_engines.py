@@ -1,6 +1,6 @@
 """Engines folders and oracle helpers for the adadiff_rt tests (tests/test_runtime*.py).
 
-`onnx_engines` builds a real engines folder with `adadiff_export.build.build_engines` once and
+`onnx_engines` builds a real engines folder with `adadiff_export.export.build.build_engines` once and
 keeps it in pytest's cache (keyed on the weights and the exporter's source), because the ONNX
 export takes a minute or two on a small CPU. `manifest_only` writes just manifest.json, which is
 all the DLPack engine needs (it runs the user's callables, not the ONNX files).
@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export import checkpoint as ckpt
-from adadiff_export.early_exit import ExitPolicy, early_exit
-from adadiff_export.manifest import ExitDefaults, Manifest, Segment, write
-from adadiff_export.model import UViT
-from adadiff_export.schedule import VPSchedule
-from adadiff_export.segments import segment_module, segment_specs
+from adadiff_export.export.manifest import ExitDefaults, Manifest, Segment, write
+from adadiff_export.export.segments import segment_module, segment_specs
+from adadiff_export.model import checkpoint as ckpt
+from adadiff_export.model.schedule import VPSchedule
+from adadiff_export.model.uvit import UViT
+from adadiff_export.sampling.early_exit import ExitPolicy, early_exit
 
-EXPORTER_SOURCES = ("model.py", "segments.py", "onnx_export.py", "manifest.py")  # what shapes the files
+EXPORTER_SOURCES = ("model/uvit.py", "export/segments.py", "export/onnx_export.py", "export/manifest.py")  # what shapes the files
 THRESHOLD = 0.5
 TOL = 1e-4  # fp32 parity: max |got - ref| / max |ref|
 
@@ -60,7 +60,7 @@ def save_checkpoint(model: UViT, path: Path) -> Path:
 
 def onnx_engines(cache_root: Path, model: UViT, max_batch: int) -> Path:
     """A built engines folder for `model` (cached under `cache_root`)."""
-    from adadiff_export.build import build_engines
+    from adadiff_export.export.build import build_engines
 
     out = Path(cache_root) / f"engines-{_key(model, max_batch)}"
     if (out / "manifest.json").is_file():

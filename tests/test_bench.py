@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adadiff_export import bench
-from adadiff_export.early_exit import ExitPolicy, early_exit
+from adadiff_export.sampling.early_exit import ExitPolicy, early_exit
 
 from conftest import tiny_model
 
@@ -104,7 +104,7 @@ def test_markdown_and_json_rows_have_the_promised_fields():
 def _have_runtime() -> bool:
     try:
         import adadiff_rt  # noqa: F401
-        from adadiff_export import build  # noqa: F401
+        from adadiff_export.export import build  # noqa: F401
     except ImportError:
         return False
     return True
@@ -112,7 +112,7 @@ def _have_runtime() -> bool:
 
 @pytest.mark.skipif(not _have_runtime(), reason="needs the compiled adadiff_rt module and the exporter's build")
 def test_quick_bench_on_the_tiny_config(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
-    from adadiff_export import metrics
+    from adadiff_export.quality import metrics
 
     clf_path = Path(metrics.SHIPPED_CLASSIFIER) if hasattr(metrics, "SHIPPED_CLASSIFIER") else None
     if clf_path is not None and not clf_path.exists():

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adadiff_export import checkpoint as ckpt
-from adadiff_export.config import ModelConfig, preset
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model import checkpoint as ckpt
+from adadiff_export.model.config import ModelConfig, preset
+from adadiff_export.model.schedule import VPSchedule
 
 from conftest import tiny_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adadiff_export.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
 from adadiff_export.cli import build_parser, main
+from adadiff_export.quality.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
 
 from conftest import tiny_model
 

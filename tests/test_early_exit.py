@@ -6,9 +6,9 @@ from typing import List, Optional
 import pytest
 import torch
 
-from adadiff_export.early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy, early_exit
-from adadiff_export.samplers import guided, sample
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model.schedule import VPSchedule
+from adadiff_export.sampling.early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.sampling.samplers import guided, sample
 
 from conftest import tiny_model
 

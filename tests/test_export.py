@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export import checkpoint as ckpt
-from adadiff_export import manifest as mf
-from adadiff_export import parity, tensorrt_build
-from adadiff_export.build import BuildError, build_engines
 from adadiff_export.cli import main
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.export import manifest as mf
+from adadiff_export.export import parity, tensorrt_build
+from adadiff_export.export.build import BuildError, build_engines
+from adadiff_export.model import checkpoint as ckpt
+from adadiff_export.model.schedule import VPSchedule
 
 from conftest import tiny_model
 
@@ -88,9 +88,9 @@ def test_the_graph_forms_equal_the_model_pieces(channels: int):
     so this ties the forms to the model."""
     from dataclasses import replace
 
-    from adadiff_export.config import preset
-    from adadiff_export.model import UViT
-    from adadiff_export.segments import head, mean_uncertainty
+    from adadiff_export.export.segments import head, mean_uncertainty
+    from adadiff_export.model.config import preset
+    from adadiff_export.model.uvit import UViT
 
     torch.manual_seed(1)
     model = UViT(replace(preset("tiny"), in_chans=channels)).eval()
@@ -164,7 +164,7 @@ def test_verify_passes_and_catches_one_changed_byte(built, tmp_path, capsys):
 
 
 def test_profile_costs_and_cumulative_exit_cost(built):
-    from adadiff_export.profile import exit_costs, segment_costs
+    from adadiff_export.export.profile import exit_costs, segment_costs
 
     out = built[0]
     costs = segment_costs(out, "onnxruntime", batch=2, warmup=1, iters=2)
@@ -175,7 +175,7 @@ def test_profile_costs_and_cumulative_exit_cost(built):
 
 
 def test_calibrate_stores_the_curve_and_picks_a_threshold(built, tmp_path):
-    from adadiff_export.calibrate import calibrate_folder, pick
+    from adadiff_export.export.calibrate import calibrate_folder, pick
 
     copy = tmp_path / "engines"
     shutil.copytree(built[0], copy)
@@ -197,8 +197,8 @@ def test_calibrate_stores_the_curve_and_picks_a_threshold(built, tmp_path):
 
 
 def test_uncertainty_map_output(tmp_path):
-    from adadiff_export.onnx_export import export_segment
-    from adadiff_export.segments import segment_specs
+    from adadiff_export.export.onnx_export import export_segment
+    from adadiff_export.export.segments import segment_specs
 
     model = tiny_model(uem_gain=20.0)
     spec = segment_specs(model, uncertainty_map=True)[4]  # layer_4: an out layer with a skip
@@ -272,7 +272,7 @@ def _failing_export(exc: BaseException, after: int):
 
 
 def test_full_disk_leaves_nothing_behind(built, tmp_path, monkeypatch, capsys):
-    from adadiff_export import onnx_export
+    from adadiff_export.export import onnx_export
 
     monkeypatch.setattr(onnx_export, "export_segment",
                         _failing_export(OSError(errno.ENOSPC, "No space left on device", "layer_2.onnx"), 2))
@@ -286,7 +286,7 @@ def test_full_disk_leaves_nothing_behind(built, tmp_path, monkeypatch, capsys):
 
 
 def test_interrupted_build_leaves_nothing_behind_and_keeps_the_old_folder(built, tmp_path, monkeypatch):
-    from adadiff_export import onnx_export
+    from adadiff_export.export import onnx_export
 
     out = tmp_path / "engines"
     shutil.copytree(built[0], out)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from adadiff_export import figures as F
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model.schedule import VPSchedule
 
 from conftest import tiny_model
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from adadiff_export.losses import AllLayers, LossConfig, diffusion_loss, joint_loss_terms
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model.schedule import VPSchedule
+from adadiff_export.training.losses import AllLayers, LossConfig, diffusion_loss, joint_loss_terms
 
 
 def test_terms_match_hand_computation():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from adadiff_export import manifest as mf
-from adadiff_export.config import preset
-from adadiff_export.model import UViT
-from adadiff_export.segments import segment_specs
+from adadiff_export.export import manifest as mf
+from adadiff_export.export.segments import segment_specs
+from adadiff_export.model.config import preset
+from adadiff_export.model.uvit import UViT
 
 
 def _folder(tmp_path: Path, depth_preset: str = "tiny") -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adadiff_export.config import ModelConfig, preset
-from adadiff_export.model import UViT, patchify, unpatchify
+from adadiff_export.model.config import ModelConfig, preset
+from adadiff_export.model.uvit import UViT, patchify, unpatchify
 
 
 def _inputs(model: UViT, b: int = 3):

@@ -88,7 +88,7 @@ def test_head_probe_times_both_forms_at_each_batch(tiny_checkpoint: Path, capsys
 
 
 def test_head_probe_refuses_forms_that_differ(tiny_checkpoint: Path, monkeypatch):
-    from adadiff_export import segments
+    from adadiff_export.export import segments
 
     monkeypatch.setattr(segments, "head", lambda model, h: model.head(h) * 1.01)
     with pytest.raises(SystemExit, match="differ"):

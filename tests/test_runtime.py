@@ -1,4 +1,4 @@
-"""adadiff_rt with OpenVINO on CPU against the PyTorch oracle (adadiff_export.early_exit / samplers).
+"""adadiff_rt with OpenVINO on CPU against the PyTorch oracle (adadiff_export.sampling.early_exit / samplers).
 
 fp32 parity: the same exit layer for every sample, eps within 1e-4 relative, u equal where computed.
 The engines folder is a real build (build_engines) of a random tiny model, cached in pytest's cache.
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
-from adadiff_export.samplers import guided, sample as py_sample
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model.schedule import VPSchedule
+from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.sampling.samplers import guided, sample as py_sample
 from conftest import tiny_model
 from runtime_engines import import_runtime, TOL, assert_parity, inputs, maybe, mixed_threshold, onnx_engines, oracle, rel_err
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
-from adadiff_export.samplers import guided, sample as py_sample
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model.schedule import VPSchedule
+from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.sampling.samplers import guided, sample as py_sample
 from conftest import tiny_model
 from runtime_engines import import_runtime, inputs, manifest_only, rel_err, split_threshold, torch_segments
 
@@ -131,7 +131,7 @@ def test_buffer_views_are_zero_copy_dlpack(folder):
 @pytest.mark.skipif(not CUDA_OK, reason="TensorRT needs a CUDA GPU")
 def test_tensorrt_engine_matches_oracle(tmp_path):
     """Only where TensorRT and a GPU exist: real plans from build_engines(tensorrt="on")."""
-    from adadiff_export.build import build_engines
+    from adadiff_export.export.build import build_engines
     from runtime_engines import save_checkpoint
 
     model = tiny_model(uem_gain=20.0)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export import checkpoint as ckpt
-from adadiff_export.early_exit import EarlyExitDenoiser, ExitPolicy
-from adadiff_export.generate import default_threshold
-from adadiff_export.samplers import guided, sample as py_sample
+from adadiff_export.model import checkpoint as ckpt
+from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy
+from adadiff_export.sampling.generate import default_threshold
+from adadiff_export.sampling.samplers import guided, sample as py_sample
 from runtime_engines import import_runtime, TOL, assert_parity, inputs, mixed_threshold, onnx_engines, rel_err
 
 adadiff_rt = import_runtime(need_openvino=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adadiff_export.samplers import SAMPLERS, guided, sample, time_grid
-from adadiff_export.schedule import VPSchedule
+from adadiff_export.model.schedule import VPSchedule
+from adadiff_export.sampling.samplers import SAMPLERS, guided, sample, time_grid
 
 SCHEDULE = VPSchedule()
 STEPS = {"dpm++": 25, "ddim": 50, "euler": 1000}  # few steps suffice for the exact one-point eps

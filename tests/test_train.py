@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export import checkpoint as ckpt
 from adadiff_export.cli import main
-from adadiff_export.data import DataError, load_dataset
-from adadiff_export.losses import LossConfig
-from adadiff_export.train import TrainConfig, train
+from adadiff_export.model import checkpoint as ckpt
+from adadiff_export.training.data import DataError, load_dataset
+from adadiff_export.training.losses import LossConfig
+from adadiff_export.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,8 @@ def test_plain_loss_then_fine_tune_with_init(npz: Path, tmp_path: Path):
 
 
 def test_reset_uems_refits_only_the_uncertainty_modules(npz: Path, tmp_path: Path):
-    from adadiff_export.model import UViT
-    from adadiff_export.train import reset_uems
+    from adadiff_export.model.uvit import UViT
+    from adadiff_export.training.train import reset_uems
 
     model = UViT(ckpt.load(train(_cfg(npz, tmp_path / "run"))).model.config)
     with torch.no_grad():

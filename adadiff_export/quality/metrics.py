@@ -1,7 +1,7 @@
 """Quality measures: class accuracy, FD, prediction error, and the per-layer error of Figure 1.
 
 FD here is the Frechet distance between Gaussians fitted to the features of the project's own
-small Fashion-MNIST classifier (`adadiff_export.classifier`). It is NOT Inception FID: compare
+small Fashion-MNIST classifier (`adadiff_export.quality.classifier`). It is NOT Inception FID: compare
 FD values only with other FD values measured with the same shipped classifier.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import SHIPPED_CLASSIFIER, CheckpointError, read_weights_only
+from ..model.checkpoint import SHIPPED_CLASSIFIER, CheckpointError, read_weights_only
+from ..model.uvit import UViT
 from .classifier import FORMAT, VERSION, ClassifierConfig, FashionClassifier, predict_in_batches
-from .model import UViT
 
 FD_NOTE = "FD is measured in the shipped Fashion-MNIST classifier's feature space (not Inception FID)"
 

@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .model import UViT
+from ..model.uvit import UViT
 
 POLICIES = ("uem", "static", "saturation")
 GRANULARITIES = ("sample", "batch")

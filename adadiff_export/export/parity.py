@@ -6,7 +6,7 @@ against a named tolerance per precision. Two checks:
 - `segment_parity`: each segment on fresh random inputs, PyTorch vs onnxruntime (through
   polygraphy's ONNX-Runtime runner);
 - `chain_parity`: stem -> layers with exits -> head run segment by segment through onnxruntime,
-  against `adadiff_export.early_exit.early_exit` on real inputs (noised Fashion-MNIST test images
+  against `adadiff_export.sampling.early_exit.early_exit` on real inputs (noised Fashion-MNIST test images
   when the model is 28x28x1, random images otherwise): same exit layer per sample, same eps.
 
 `full_chain_parity` needs no PyTorch model: it checks that the segment files chained at full depth
@@ -256,7 +256,7 @@ def real_inputs(model, schedule, batch: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x0 = None
     if (c.img_size, c.in_chans) == (28, 1):
-        from .data import DataError, load_fashion_mnist
+        from ..training.data import DataError, load_fashion_mnist
         try:
             data = load_fashion_mnist("test")
             idx = torch.randperm(len(data), generator=gen)[:batch]
@@ -291,7 +291,7 @@ def chain_parity(model, schedule, folder: Path, manifest: Manifest, batch: int =
     """Stem, layers with exits and head through onnxruntime vs the PyTorch reference early exit."""
     import torch
 
-    from .early_exit import ExitPolicy, early_exit
+    from ..sampling.early_exit import ExitPolicy, early_exit
 
     x, t, y = real_inputs(model, schedule, batch, seed)
     if threshold is None:

@@ -7,8 +7,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .model import UViT
-from .schedule import VPSchedule
+from ..model.schedule import VPSchedule
+from ..model.uvit import UViT
 
 
 @dataclass(frozen=True)

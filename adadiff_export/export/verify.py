@@ -39,7 +39,7 @@ def source_checkpoint(manifest: Manifest, checkpoint: Optional[Path] = None) -> 
     recorded = manifest.source.get("path")
     if recorded and Path(recorded).is_file() and want and sha256_file(Path(recorded)) == want:
         return Path(recorded)
-    from .checkpoint import SHIPPED_CHECKPOINT
+    from ..model.checkpoint import SHIPPED_CHECKPOINT
 
     if want and SHIPPED_CHECKPOINT.is_file() and sha256_file(SHIPPED_CHECKPOINT) == want:
         return SHIPPED_CHECKPOINT
@@ -93,7 +93,7 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
     if ckpt is None:
         say("parity vs PyTorch skipped: the source checkpoint is not at hand (pass --checkpoint)")
         return report
-    from .checkpoint import load as load_checkpoint
+    from ..model.checkpoint import load as load_checkpoint
 
     loaded = load_checkpoint(ckpt)
     figures = par.segment_parity(loaded.model, folder, manifest.segments, batch=min(4, manifest.max_batch),

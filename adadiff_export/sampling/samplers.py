@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from .schedule import VPSchedule
+from ..model.schedule import VPSchedule
 
 Denoiser = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 

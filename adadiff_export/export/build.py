@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .checkpoint import SHIPPED_CHECKPOINT, Loaded, load
+from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
 from .manifest import FILENAME, PRECISIONS, ExitDefaults, Manifest, Segment, sha256_file, write
 
 TENSORRT_MODES = ("auto", "on", "off")

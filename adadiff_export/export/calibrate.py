@@ -78,8 +78,8 @@ def _fd_fn(loaded):
     if (c.img_size, c.in_chans) != (28, 1):
         return None, "FD skipped: the classifier measures 28x28 grayscale images only"
     try:
-        from . import metrics
-        from .generate import generate
+        from ..quality import metrics
+        from ..sampling.generate import generate
         clf = metrics.load_classifier()
     except ImportError as e:
         return None, f"FD skipped: the metrics module is not available ({e})"
@@ -93,7 +93,7 @@ def sweep(loaded, manifest: Manifest, thresholds: Optional[Sequence[float]] = No
     """Mean exit layer and prediction mse against full depth at each threshold, on one held-out batch."""
     from tqdm import tqdm
 
-    from .early_exit import ExitPolicy, early_exit
+    from ..sampling.early_exit import ExitPolicy, early_exit
     from .parity import real_inputs
 
     model = loaded.model
@@ -109,7 +109,7 @@ def sweep(loaded, manifest: Manifest, thresholds: Optional[Sequence[float]] = No
 
 
 def _policy(manifest: Manifest, threshold: float):
-    from .early_exit import ExitPolicy
+    from ..sampling.early_exit import ExitPolicy
 
     return ExitPolicy(kind="uem", threshold=float(threshold), patience=manifest.exit.patience,
                       granularity=manifest.exit.granularity)
@@ -153,7 +153,7 @@ def calibrate_folder(folder: Path, loaded=None, checkpoint: Optional[Path] = Non
     folder = Path(folder)
     manifest = load(folder, check=True)
     if loaded is None:
-        from .checkpoint import load as load_checkpoint
+        from ..model.checkpoint import load as load_checkpoint
         from .verify import source_checkpoint
 
         ckpt = source_checkpoint(manifest, checkpoint)

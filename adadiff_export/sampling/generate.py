@@ -16,9 +16,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .checkpoint import Loaded
+from ..model.checkpoint import Loaded
+from ..quality.metrics import LoadedClassifier, class_accuracy, fd_to_test_set
 from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
-from .metrics import LoadedClassifier, class_accuracy, fd_to_test_set
 from .samplers import DEFAULT_STEPS, Denoiser, guided, sample
 
 DEFAULT_GUIDANCE = 2.0

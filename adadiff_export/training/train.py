@@ -16,14 +16,14 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .config import ModelConfig, preset
+from ..model import checkpoint as ckpt
+from ..model.config import ModelConfig, preset
+from ..model.schedule import VPSchedule
+from ..model.uvit import UViT
+from ..sampling.images import save_grid
+from ..sampling.samplers import guided, sample_dpm_solver_pp
 from .data import check_shape, load_dataset, sample_batch
-from .images import save_grid
 from .losses import AllLayers, LossConfig, diffusion_loss
-from .model import UViT
-from .samplers import guided, sample_dpm_solver_pp
-from .schedule import VPSchedule
 
 
 @dataclass

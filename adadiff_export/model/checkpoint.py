@@ -16,12 +16,12 @@ from typing import Any, Dict, Optional
 import torch
 
 from .config import ModelConfig
-from .model import UViT
 from .schedule import VPSchedule
+from .uvit import UViT
 
 FORMAT = "adadiff-checkpoint"
 VERSION = 1
-PACKAGE_DATA = Path(__file__).parent / "weights"
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED_CHECKPOINT = PACKAGE_DATA / "fashion_small.pt"
 SHIPPED_CLASSIFIER = PACKAGE_DATA / "fashion_classifier.pt"
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import write_atomic
+from ..model.checkpoint import write_atomic
 
 FORMAT = "adadiff-classifier"
 VERSION = 1
@@ -178,7 +178,7 @@ def add_parser(sub) -> None:
 def _cmd_classifier(a: argparse.Namespace) -> int:
     import platform
 
-    from .data import load_fashion_mnist
+    from ..training.data import load_fashion_mnist
 
     train = load_fashion_mnist("train")
     test = load_fashion_mnist("test")

@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from .model import UViT
+from ..model.uvit import UViT
 from .manifest import BATCH, Segment
 from .segments import random_inputs, segment_module
 

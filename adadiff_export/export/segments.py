@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..model.uvit import UViT
 from .manifest import BATCH, Segment, TensorSpec
-from .model import UViT
 
 class StemSegment(nn.Module):
     """x, t[, y] -> h, temb."""

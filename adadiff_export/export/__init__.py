@@ -1,0 +1,1 @@
+"""The exporter: checkpoint -> segments -> ONNX (+ TensorRT plans) + manifest, and the checks on an engines folder."""

@@ -1,0 +1,1 @@
+"""Quality measures: the Fashion-MNIST classifier and the metrics computed in its feature space."""
