@@ -7,11 +7,10 @@ quality table, and write the pictures.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -31,19 +30,19 @@ class DemoConfig:
     threads: int = 0
 
 
-def prepare_engines(engines: Path, checkpoint: Path) -> str:
+def prepare_engines(engines: Path, checkpoint: Path, log: Callable[[str], None] = print) -> str:
     """Build unless a valid build is there, then verify; returns what was done, for the log."""
     from .export.build import build_engines
     from .export.verify import verify
 
-    def log(line: str) -> None:
-        print("    " + line)
+    def indented(line: str) -> None:
+        log("    " + line)
 
     did = "reused"
     if not engines_match(engines, checkpoint):
-        build_engines(checkpoint, engines, max_batch=64, precision="fp32", tensorrt="auto", force=True, log=log)
+        build_engines(checkpoint, engines, max_batch=64, precision="fp32", tensorrt="auto", force=True, log=indented)
         did = "built"
-    verify(engines, checkpoint, log=log)
+    verify(engines, checkpoint, log=indented)
     return did
 
 
@@ -78,8 +77,8 @@ def table(results: Dict[str, Quality], n_layers: int, steps: int) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
-    """Everything the demo does; returns the paths of the pictures."""
+def run_demo(cfg: DemoConfig, progress: bool = True, log: Callable[[str], None] = print) -> List[Path]:
+    """Everything the demo does, each step reported through `log`; returns the paths of the pictures."""
     from tqdm import tqdm
 
     from .quality.metrics import load_classifier
@@ -88,14 +87,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else SHIPPED_CHECKPOINT
     loaded = load(checkpoint)
     thr, w = default_threshold(loaded), default_guidance(loaded)
-    print(f"[1/4] engines in {cfg.engines}")
-    print(f"    engines {prepare_engines(cfg.engines, checkpoint)} and verified")
+    log(f"[1/4] engines in {cfg.engines}")
+    log(f"    engines {prepare_engines(cfg.engines, checkpoint, log)} and verified")
     runtime = open_runtime(cfg.engines, cfg.threads)
     max_batch = int(json.loads((cfg.engines / "manifest.json").read_text())["max_batch"])
     c = loaded.model.config
     chunk = max(1, min(cfg.n, max_batch // (2 if c.num_classes > 0 and w != 1.0 else 1)))
     clf = load_classifier()
-    print(f"[2/4] sampling {cfg.n} images per setting (batch {chunk}, {cfg.steps} steps, guidance {w:g})")
+    log(f"[2/4] sampling {cfg.n} images per setting (batch {chunk}, {cfg.steps} steps, guidance {w:g})")
     results: Dict[str, Quality] = {}
     cts = _contenders(loaded, cfg.engines, runtime, cfg, thr, w)
     shape = (c.in_chans, c.img_size, c.img_size)
@@ -107,14 +106,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> List[Path]:
     ct = rt_contender(runtime, RtSetting("static", static_layer=static), steps=cfg.steps, guidance=w, seed=cfg.seed)
     results[f"adadiff_rt, static exit after layer {static}"] = measure_quality(ct.sample, clf, shape, c.num_classes,
                                                                                cfg.n, chunk, cfg.steps, cfg.seed)
-    print(f"[3/4] results on {machine_line(machine())}")
-    print(table(results, loaded.model.depth, cfg.steps))
-    print(f"default threshold: {thr:g}")
-    print("[4/4] pictures")
+    log(f"[3/4] results on {machine_line(machine())}")
+    log(table(results, loaded.model.depth, cfg.steps))
+    log(f"default threshold: {thr:g}")
+    log("[4/4] pictures")
     paths = _pictures(loaded, cts, cfg, thr, w)
     for p in paths:
-        print(f"  {p}")
-    print(f"pictures are in {cfg.out.resolve()}")
+        log(f"  {p}")
+    log(f"pictures are in {cfg.out.resolve()}")
     return paths
 
 
@@ -138,26 +137,3 @@ def _pictures(loaded: Loaded, cts: Dict[str, Contender], cfg: DemoConfig, thr: f
     out.append(F.plot_uncertainty_maps(data.u_maps, data.x0_preview, data.u_map_steps, data.step_times,
                                        data.u_map_layer, cfg.out / "fig6_uncertainty_maps.png"))
     return out
-
-
-def add_parser(sub) -> None:
-    """Register `demo`."""
-    p = sub.add_parser(
-        "demo", help="build, verify, sample with adadiff_rt, print speed and quality, write the pictures",
-        description="The toolchain end to end on the shipped checkpoint: build the engines (unless a valid build "
-                    "is already there), verify them, sample with adadiff_rt at full depth and at the default "
-                    "threshold, compare with PyTorch and OpenVINO on the full graph, and write the paper's "
-                    "figures as PNGs. Takes a few minutes on a laptop-class CPU.")
-    p.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint (default: the shipped one)")
-    p.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (built when missing or stale)")
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the pictures")
-    p.add_argument("--n", type=int, default=128, help="images per setting for FD and accuracy")
-    p.add_argument("--threads", type=int, default=0, help="threads for every engine (0: each engine's default)")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(a: argparse.Namespace) -> int:
-    if a.n < 2:
-        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {a.n}")
-    run_demo(DemoConfig(checkpoint=a.checkpoint, engines=a.engines, out=a.out, n=a.n, threads=a.threads))
-    return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from ..errors import UserError
 from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
 from .manifest import FILENAME, PRECISIONS, ExitDefaults, Manifest, Segment, sha256_file, write
 
@@ -21,7 +22,7 @@ TENSORRT_MODES = ("auto", "on", "off")
 PRODUCER = "adadiff_export 0.1.0"
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """The build could not finish; nothing was left behind."""
 
 

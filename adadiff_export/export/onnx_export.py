@@ -21,6 +21,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..model.uvit import UViT
 from .manifest import BATCH, Segment
 from .segments import random_inputs, segment_module
@@ -35,7 +36,7 @@ _ONNX_DTYPES: Dict[int, str] = {
 }
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A segment could not be exported or its file does not match the contract."""
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .manifest import Manifest, Segment
 
 # Normalized error mse(ref, got) / mse(ref, 0) allowed per precision. fp32: 1e-8 is a relative RMS
@@ -28,7 +29,7 @@ from .manifest import Manifest, Segment
 TOLERANCES: Dict[str, float] = {"fp32": 1e-8, "fp16": 1e-5, "bf16": 1e-3}
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError, RuntimeError):
     """An exported segment does not compute what PyTorch computes (within tolerance)."""
 
 

@@ -11,7 +11,6 @@ Checks, each failure one error naming the file or segment (exit status 2):
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -105,30 +104,3 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
         f"{chain.exit_mismatches}/{chain.batch}, eps normalized error {chain.figure.error:.2e}")
     par.require_chain(chain)
     return report
-
-
-def add_parser(sub) -> None:
-    """Register `verify`."""
-    p = sub.add_parser(
-        "verify", help="check an engines folder: manifest, checksums, ONNX files, parity",
-        description="Check an engines folder written by `build`: manifest schema and version, plain file names "
-                    "inside the folder, sha256 of every file (a changed or truncated file is named), the ONNX "
-                    "checker, and a parity re-run through onnxruntime (against PyTorch too when the source "
-                    "checkpoint is at hand). Exit status 0 when everything holds, 2 otherwise.")
-    p.add_argument("folder", type=Path, help="engines folder (e.g. engines/)")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="the checkpoint the folder was built from (default: the path recorded at build time)")
-    p.add_argument("--no-parity", action="store_true", help="skip the onnxruntime parity re-run")
-    p.set_defaults(func=_cmd_verify)
-
-
-def _cmd_verify(a: argparse.Namespace) -> int:
-    from .build_cli import reports_errors
-
-    return reports_errors(_run)(a)
-
-
-def _run(a: argparse.Namespace) -> int:
-    verify(a.folder, a.checkpoint, parity=not a.no_parity)
-    print(f"{a.folder}: OK")
-    return 0

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..errors import UserError
 from .config import ModelConfig
 from .schedule import VPSchedule
 from .uvit import UViT
@@ -26,7 +27,7 @@ SHIPPED_CHECKPOINT = PACKAGE_DATA / "fashion_small.pt"
 SHIPPED_CLASSIFIER = PACKAGE_DATA / "fashion_classifier.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, damaged, unsafe or does not match its config."""
 
 

@@ -14,12 +14,11 @@ Train it again with `python -m adadiff_export classifier --out PATH`.
 """
 from __future__ import annotations
 
-import argparse
-import sys
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -159,38 +158,21 @@ def save_classifier(model: FashionClassifier, path: Path, test_accuracy: float, 
     write_atomic(payload, path)
 
 
-def add_parser(sub) -> None:
-    """`python -m adadiff_export classifier`: train the quality-measure classifier and store test-set statistics."""
-    p = sub.add_parser(
-        "classifier", help="train the Fashion-MNIST classifier used for accuracy and FD",
-        description="Train the small CNN whose features define FD (the Frechet distance in THIS "
-                    "classifier's feature space, not Inception FID) and whose logits give class accuracy. "
-                    "Stores the weights with the real test set's feature mean and covariance.")
-    p.add_argument("--out", type=Path, required=True, help="file to write (the shipped one is adadiff_export/weights/fashion_classifier.pt)")
-    p.add_argument("--epochs", type=int, default=ClassifierTrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=ClassifierTrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=ClassifierTrainConfig.lr)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.set_defaults(func=_cmd_classifier)
+def train_and_save(out: Path, cfg: ClassifierTrainConfig, command: str) -> Tuple[float, float]:
+    """Train on the Fashion-MNIST training set, measure the test set, and write the classifier file `out`.
 
-
-def _cmd_classifier(a: argparse.Namespace) -> int:
-    import platform
-
+    Returns (test accuracy, minutes of training); `command` is recorded in the file's provenance.
+    """
     from ..training.data import load_fashion_mnist
 
     train = load_fashion_mnist("train")
     test = load_fashion_mnist("test")
-    cfg = ClassifierTrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads)
     start = time.time()
     model = train_classifier(train.images, train.labels, cfg)
     minutes = (time.time() - start) / 60
     acc = accuracy(model, test.images, test.labels)
     stats = feature_stats(model, test.images)
     provenance = {"train": asdict(cfg), "minutes": round(minutes, 2), "machine": platform.processor() or platform.machine(),
-                  "torch": str(torch.__version__),
-                  "command": "python -m adadiff_export " + " ".join(sys.argv[1:])}
-    save_classifier(model, a.out, acc, stats, provenance)
-    print(f"test accuracy {acc:.4f} after {cfg.epochs} epochs ({minutes:.1f} min); wrote {a.out}")
-    return 0
+                  "torch": str(torch.__version__), "command": command}
+    save_classifier(model, out, acc, stats, provenance)
+    return acc, minutes

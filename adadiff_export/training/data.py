@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -23,7 +25,7 @@ FASHION_MNIST_CLASSES = (
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data could not be found or read; the message says what to do."""
 
 

@@ -1,17 +1,12 @@
-"""Command line: one sub-command per job, each in its own function.
-
-Errors that users can fix (bad checkpoint, missing data, bad flags) print one
-line on stderr and exit with status 2; nothing is half-written.
-"""
+"""`python -m adadiff_export train`: train a U-ViT with AdaDiff's joint loss (or the plain one)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 
-def _add_train(sub) -> None:
+def add_parser(sub) -> None:
+    """Register `train`."""
     p = sub.add_parser(
         "train", help="train a U-ViT with AdaDiff's joint loss",
         description="Train a U-ViT with AdaDiff uncertainty modules. The joint loss is "
@@ -47,8 +42,8 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .training.losses import LossConfig
-    from .training.train import TrainConfig, train
+    from ..training.losses import LossConfig
+    from ..training.train import TrainConfig, train
 
     cfg = TrainConfig(
         out=a.out, config=a.config, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
@@ -60,37 +55,3 @@ def _cmd_train(a: argparse.Namespace) -> int:
     path = train(cfg)
     print(f"checkpoint: {path}")
     return 0
-
-
-def _subcommands() -> List[Callable]:
-    """Each entry adds one sub-command parser. Command modules import heavy things lazily."""
-    from . import bench, build_cli, demo, evaluate_cli, sample_cli
-    from .export import calibrate, profile, verify
-    from .quality import classifier
-    return [_add_train, classifier.add_parser, sample_cli.add_parser, evaluate_cli.add_parser, build_cli.add_parser,
-            verify.add_parser, profile.add_parser, calibrate.add_parser, bench.add_parser, demo.add_parser]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m adadiff_export",
-        description="AdaDiff early-exit diffusion: train, sample, evaluate, and export to per-layer engines.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for fn in _subcommands():
-        fn(sub)
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from .model.checkpoint import CheckpointError
-    from .training.data import DataError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (CheckpointError, DataError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

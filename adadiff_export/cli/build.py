@@ -1,30 +1,8 @@
-"""`python -m adadiff_export build`: the command-line face of `build.build_engines`."""
+"""`python -m adadiff_export build`: the command-line face of `export.build.build_engines`."""
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
 from pathlib import Path
-from typing import Callable
-
-
-def reports_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Export, parity, build and OS errors become one `error: ...` line and exit status 2.
-
-    (cli.main already does this for checkpoint, data and value errors.)
-    """
-    @functools.wraps(fn)
-    def wrapper(a: argparse.Namespace) -> int:
-        from .export.build import BuildError
-        from .export.onnx_export import ExportError
-        from .export.parity import ParityError
-
-        try:
-            return fn(a)
-        except (BuildError, ExportError, ParityError, PermissionError, IsADirectoryError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return wrapper
 
 
 def add_parser(sub) -> None:
@@ -56,9 +34,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd_build)
 
 
-@reports_errors
 def _cmd_build(a: argparse.Namespace) -> int:
-    from .export.build import build_engines
+    from ..export.build import build_engines
 
     cal = {}
     if a.target_layers is not None or a.max_mse is not None:

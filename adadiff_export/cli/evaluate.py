@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
-from .sample_cli import add_exit_arguments, exit_policy
+from .sample import add_exit_arguments, exit_policy
 
 
 def _numbers(text: Optional[str], flag: str, kind=float) -> list:
@@ -45,9 +45,9 @@ def _row(name: str, p, depth: int) -> str:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .model import checkpoint as ckpt
-    from .quality.metrics import FD_NOTE, load_classifier
-    from .sampling.generate import default_threshold, evaluate
+    from ..model import checkpoint as ckpt
+    from ..quality.metrics import FD_NOTE, load_classifier
+    from ..sampling.generate import default_threshold, evaluate
 
     if a.n < 2:
         raise ValueError(f"--n must be >= 2 (FD needs a covariance), got {a.n}")

@@ -30,7 +30,7 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
 
 def exit_policy(a: argparse.Namespace, default_threshold: float):
     """The ExitPolicy the flags describe; uem's threshold defaults to the checkpoint's."""
-    from .sampling.early_exit import ExitPolicy
+    from ..sampling.early_exit import ExitPolicy
 
     threshold = a.threshold
     if threshold is None:
@@ -73,10 +73,10 @@ def summary(result, a: argparse.Namespace, policy, steps: int) -> Dict[str, Any]
 
 
 def _cmd_sample(a: argparse.Namespace) -> int:
-    from .model import checkpoint as ckpt
-    from .sampling.generate import default_guidance, default_threshold, generate, generate_rt
-    from .sampling.images import save_grid
-    from .sampling.samplers import DEFAULT_STEPS
+    from ..model import checkpoint as ckpt
+    from ..sampling.generate import default_guidance, default_threshold, generate, generate_rt
+    from ..sampling.images import save_grid
+    from ..sampling.samplers import DEFAULT_STEPS
 
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
