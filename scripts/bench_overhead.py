@@ -52,7 +52,7 @@ def _engines(args: argparse.Namespace) -> Path:
 
 def _machine() -> str:
     """The bench's machine line (CPU, cores, versions) plus the load average, which these VMs need beside a timing."""
-    from adadiff_export.bench import machine, machine_line
+    from adadiff_export.bench.harness import machine, machine_line
 
     load = ", load %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     return f"{platform.node()}: {machine_line(machine())}{load}"
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     import adadiff_rt
 
-    from adadiff_export.bench import rotating_times
+    from adadiff_export.bench.harness import rotating_times
 
     folder = _engines(a)
     rts = [adadiff_rt.Runtime(str(folder), threads=a.threads) for _ in range(a.runtimes)]

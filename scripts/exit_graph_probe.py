@@ -42,7 +42,7 @@ from openvino import opset8, opset13 as ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adadiff_export.bench import rotating_times  # noqa: E402
+from adadiff_export.bench.harness import rotating_times  # noqa: E402
 from adadiff_export.export.manifest import Manifest, load  # noqa: E402
 from adadiff_export.export.openvino_cpu import bound_request, compile_static, config, static_batch  # noqa: E402
 from adadiff_export.export.parity import max_relative_error, random_feed  # noqa: E402

@@ -38,7 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adadiff_export import bench  # noqa: E402
+from adadiff_export.bench import harness, report  # noqa: E402
+from adadiff_export.bench.config import BenchConfig  # noqa: E402
+from adadiff_export.bench.contenders import (AuthorsEarlyExit, Contender, RtSetting, authors_layers,  # noqa: E402
+                                             engines_match, full_depth_layers, python_contender, rt_contender)
+from adadiff_export.bench.run import denoise_inputs, time_cell  # noqa: E402
 from adadiff_export.model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load  # noqa: E402
 from adadiff_export.sampling.generate import default_guidance, default_threshold, noise_and_labels  # noqa: E402
 
@@ -73,7 +77,7 @@ def torch_segments(model, manifest: dict, device: torch.device) -> Dict[str, Cal
     return {k: torch.inference_mode()(v) for k, v in fns.items()}
 
 
-def cuda_segment_costs(model, manifest: dict, batch: int, device: torch.device, iters: int = 20) -> bench.SegmentCosts:
+def cuda_segment_costs(model, manifest: dict, batch: int, device: torch.device, iters: int = 20) -> harness.SegmentCosts:
     """Median ms of each segment's torch computation at `batch` (CUDA events on GPU, wall clock on CPU)."""
     c = model.config
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -94,7 +98,7 @@ def cuda_segment_costs(model, manifest: dict, batch: int, device: torch.device, 
             if i < c.num_in_blocks:
                 saved.append(hs)
         ms = {k: _time_ms(fn, device, iters) for k, fn in jobs.items()}
-    return bench.SegmentCosts(batch, ms["stem"], [ms[f"layer_{i}"] for i in range(1, model.depth + 1)], ms["head"])
+    return harness.SegmentCosts(batch, ms["stem"], [ms[f"layer_{i}"] for i in range(1, model.depth + 1)], ms["head"])
 
 
 def _time_ms(fn: Callable, device: torch.device, iters: int) -> float:
@@ -115,7 +119,7 @@ def _time_ms(fn: Callable, device: torch.device, iters: int) -> float:
     return statistics.median(ts)
 
 
-def on_device(ct: bench.Contender, device: torch.device) -> bench.Contender:
+def on_device(ct: Contender, device: torch.device) -> Contender:
     """Move a torch contender's inputs to `device` once per run (its whole sampling loop then stays there)."""
     den, smp = ct.denoise, ct.sample
 
@@ -127,7 +131,7 @@ def on_device(ct: bench.Contender, device: torch.device) -> bench.Contender:
     return ct
 
 
-def synced(ct: bench.Contender, device: torch.device) -> bench.Contender:
+def synced(ct: Contender, device: torch.device) -> Contender:
     """Make each run's time include its GPU work and bring its output to the host (as adadiff_rt's API does)."""
     def wrap(fn: Callable) -> Callable:
         def run(*a):
@@ -143,21 +147,21 @@ def synced(ct: bench.Contender, device: torch.device) -> bench.Contender:
 
 
 def contenders(loaded: Loaded, runtime, device: torch.device, thr: float, w: float, static_layer: int,
-               steps: int) -> List[bench.Contender]:
+               steps: int) -> List[Contender]:
     m, n, null = loaded.model, loaded.model.depth, loaded.model.config.num_classes
     py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
     rt = dict(steps=steps, guidance=w, seed=0)
-    authors = bench.AuthorsEarlyExit(m, thr)
+    authors = AuthorsEarlyExit(m, thr)
     cts = [
-        on_device(bench.python_contender("torch-eager", "full", m, bench._full_layers(n), **py), device),
-        on_device(bench.python_contender("torch-authors", "uem", authors, bench._authors_layers, granularity="batch",
-                                         threshold=thr, default=True,
-                                         note="head+UEM at every layer, one decision per batch", **py), device),
-        bench.rt_contender(runtime, bench.RtSetting("uem", 0.0), note=f"dlpack engine (torch segments) on {device.type}",
-                           **rt),
-        bench.rt_contender(runtime, bench.RtSetting("uem", thr, "sample"), default=True, **rt),
-        bench.rt_contender(runtime, bench.RtSetting("uem", thr, "batch"), default=True, **rt),
-        bench.rt_contender(runtime, bench.RtSetting("static", static_layer=static_layer), note="matched layer budget", **rt),
+        on_device(python_contender("torch-eager", "full", m, full_depth_layers(n), **py), device),
+        on_device(python_contender("torch-authors", "uem", authors, authors_layers, granularity="batch",
+                                   threshold=thr, default=True,
+                                   note="head+UEM at every layer, one decision per batch", **py), device),
+        rt_contender(runtime, RtSetting("uem", 0.0), note=f"dlpack engine (torch segments) on {device.type}",
+                     **rt),
+        rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
+        rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
+        rt_contender(runtime, RtSetting("static", static_layer=static_layer), note="matched layer budget", **rt),
     ]
     return [synced(c, device) for c in cts]
 
@@ -180,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("needs a CUDA GPU and an adadiff_rt built with CUDA (adadiff_rt.has_cuda)")
     loaded = load(a.checkpoint)
     loaded.model.to(device)
-    if not bench.engines_match(a.engines, a.checkpoint, max(a.batches)):
+    if not engines_match(a.engines, a.checkpoint, max(a.batches)):
         from adadiff_export.export.build import build_engines
 
         build_engines(a.checkpoint, a.engines, max_batch=max(64, max(a.batches)), tensorrt="off", force=True)
@@ -193,25 +197,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, used = runtime.sample(probe_noise.numpy(), probe_y.numpy(), steps=a.steps, guidance=w, policy="uem", threshold=thr)
     static_layer = max(1, int(round(float(np.mean(used)))))
     cts = contenders(loaded, runtime, device, thr, w, static_layer, a.steps)
-    cfg = bench.BenchConfig(repeats=a.repeats, warmup=1)
-    rows: List[bench.Row] = []
+    cfg = BenchConfig(repeats=a.repeats, warmup=1)
+    rows: List[harness.Row] = []
     for workload in ("denoise", "sample"):
         for b in a.batches:
             if workload == "denoise":
-                inputs = bench.denoise_inputs(loaded, b, 0, None)
+                inputs = denoise_inputs(loaded, b, 0, None)
             else:
                 inputs = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, b, 0)
-            cell = bench.time_cell(cts, "small", workload, b, inputs, a.steps, cfg, lambda: None)
+            cell = time_cell(cts, "small", workload, b, inputs, a.steps, cfg, lambda: None)
             eff_b = b if workload == "denoise" else 2 * b
-            rows += bench.finish_cell(cell, cuda_segment_costs(loaded.model, manifest, eff_b, device),
+            rows += harness.finish_cell(cell, cuda_segment_costs(loaded.model, manifest, eff_b, device),
                                       full_peers=("torch-eager",))
-    info = bench.machine()
+    info = harness.machine()
     if device.type == "cuda":
         info["cpu"] = f"{torch.cuda.get_device_name()} (host: {info['cpu']})"
     command = "python scripts/gpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(bench.markdown(rows, info, command))
+    print(report.markdown(rows, info, command))
     if a.json:
-        a.json.write_text(json.dumps(bench.to_json(rows, info), indent=1) + "\n")
+        a.json.write_text(json.dumps(report.to_json(rows, info), indent=1) + "\n")
     return 0
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adadiff_export.bench import machine, machine_line, rotating_times  # noqa: E402
+from adadiff_export.bench.harness import machine, machine_line, rotating_times  # noqa: E402
 from adadiff_export.export.onnx_export import export_segment  # noqa: E402
 from adadiff_export.export.openvino_cpu import bound_request, compile_static  # noqa: E402
 from adadiff_export.export.parity import max_relative_error, random_feed  # noqa: E402

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export import bench
+from adadiff_export.bench import contenders, harness, quality, report
+from adadiff_export.bench.config import BenchConfig
+from adadiff_export.bench.run import run as run_bench
 from adadiff_export.sampling.early_exit import ExitPolicy, early_exit
 
 from conftest import tiny_model
@@ -27,7 +29,7 @@ def test_authors_peer_is_the_batch_rule_of_the_oracle():
     m = tiny_model(uem_gain=20.0)
     x, t, y = _inputs(m)
     for thr in (0.2, 0.5, 0.8):
-        peer = bench.AuthorsEarlyExit(m, thr)
+        peer = contenders.AuthorsEarlyExit(m, thr)
         eps = peer(x, t, y)
         ref = early_exit(m, x, t, y, ExitPolicy("uem", threshold=thr, granularity="batch"))
         assert peer.layers[-1] == int(ref.exit_layer[0])
@@ -43,7 +45,7 @@ def test_match_threshold_finds_the_oracle_saturation_threshold_for_a_layer_budge
 
     achievable = {mean_layers(th) for th in np.linspace(0.0, 3.0, 301)}
     for target in (1.5, 2.5, 3.2):
-        thr = bench.match_threshold(mean_layers, target)
+        thr = quality.match_threshold(mean_layers, target)
         best = min(abs(a - target) for a in achievable)
         # bisection lands on a threshold at least as close to the budget as a fine grid does
         assert abs(mean_layers(thr) - target) <= best + 1e-9, (target, thr, mean_layers(thr))
@@ -53,29 +55,29 @@ def test_match_threshold_by_hand():
     # a step function: 4 layers below 0.1, 3 below 0.5, 2 below 2.0, then 1; brackets grow past 1.0
     steps = [(0.1, 4.0), (0.5, 3.0), (2.0, 2.0)]
     layers = lambda th: next((v for edge, v in steps if th < edge), 1.0)  # noqa: E731
-    assert layers(bench.match_threshold(layers, 3.0)) == 3.0
-    assert layers(bench.match_threshold(layers, 1.0)) == 1.0
-    assert layers(bench.match_threshold(layers, 2.2)) == 2.0
+    assert layers(quality.match_threshold(layers, 3.0)) == 3.0
+    assert layers(quality.match_threshold(layers, 1.0)) == 1.0
+    assert layers(quality.match_threshold(layers, 2.2)) == 2.0
 
 
 def test_ideal_speedup_by_hand():
-    costs = bench.SegmentCosts(batch=4, stem=1.0, layers=[2.0, 2.0, 2.0, 2.0], head=1.0)
-    assert bench.ideal_speedup(np.full(4, 4), costs) == pytest.approx(1.0)
+    costs = harness.SegmentCosts(batch=4, stem=1.0, layers=[2.0, 2.0, 2.0, 2.0], head=1.0)
+    assert harness.ideal_speedup(np.full(4, 4), costs) == pytest.approx(1.0)
     # two rows stop after layer 2, two run all 4: stem + head + 2 + 2 + 0.5*2 + 0.5*2 = 8 of 10
-    assert bench.ideal_speedup(np.array([2, 2, 4, 4]), costs) == pytest.approx(10 / 8)
+    assert harness.ideal_speedup(np.array([2, 2, 4, 4]), costs) == pytest.approx(10 / 8)
     # two calls of a sampling run: one at full depth, one all exiting at layer 1
-    assert bench.ideal_speedup(np.array([[4, 4], [1, 1]]), costs) == pytest.approx(20 / (10 + 4))
+    assert harness.ideal_speedup(np.array([[4, 4], [1, 1]]), costs) == pytest.approx(20 / (10 + 4))
 
 
 def test_interleaved_timing_rotates_and_takes_medians():
     order = []
 
     def make(name, layers):
-        return bench.Case(bench.Row("m", "denoise", 1, name, "full", "-", None, 0.0, 0.0),
-                          lambda: (order.append(name), (torch.zeros(1), np.array(layers)))[1])
+        return harness.Case(harness.Row("m", "denoise", 1, name, "full", "-", None, 0.0, 0.0),
+                            lambda: (order.append(name), (torch.zeros(1), np.array(layers)))[1])
 
     cases = [make("a", [3]), make("b", [1, 2])]
-    bench.time_interleaved(cases, repeats=3, warmup=1)
+    harness.time_interleaved(cases, repeats=3, warmup=1)
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert all(len(c.times) == 3 and c.row.ms == sorted(c.times)[1] for c in cases)
     assert cases[1].row.mean_layers == pytest.approx(1.5)
@@ -83,21 +85,21 @@ def test_interleaved_timing_rotates_and_takes_medians():
 
 def test_rotating_times_rotates_who_goes_first():
     order = []
-    times = bench.rotating_times([lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")], 3)
+    times = harness.rotating_times([lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")], 3)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
 
 
 def test_markdown_and_json_rows_have_the_promised_fields():
-    r = bench.Row("small", "sample", 64, "adadiff_rt", "uem", "sample", 0.1, 12.5, 7.25, speedup=1.8,
+    r = harness.Row("small", "sample", 64, "adadiff_rt", "uem", "sample", 0.1, 12.5, 7.25, speedup=1.8,
                   ideal_speedup=1.9, efficiency=0.95, fd=3.0, accuracy=0.9, default=True)
     info = {"cpu": "test cpu", "logical_cpus": 2, "torch": "x", "torch_threads": 2}
-    rows = bench.to_json([r], info)
+    rows = report.to_json([r], info)
     need = {"engine", "policy", "granularity", "batch", "threshold", "workload", "ms", "speedup", "mean_layers",
             "ideal_speedup", "efficiency", "fd", "accuracy", "default", "machine"}
     assert need <= set(rows[0]) and rows[0]["pred_mse"] is None
     json.dumps(rows)
-    md = bench.markdown([r], info, "cmd")
+    md = report.markdown([r], info, "cmd")
     assert "| 64 | adadiff_rt | uem **(default)** |" in md and "test cpu" in md
 
 
@@ -117,10 +119,10 @@ def test_quick_bench_on_the_tiny_config(tiny_checkpoint: Path, tmp_path: Path, m
     clf_path = Path(metrics.SHIPPED_CLASSIFIER) if hasattr(metrics, "SHIPPED_CLASSIFIER") else None
     if clf_path is not None and not clf_path.exists():
         pytest.skip("the shipped classifier is not there yet")
-    cfg = bench.BenchConfig.quick(checkpoint=tiny_checkpoint, out=tmp_path / "out", denoise_batches=(3,),
-                                  sample_batches=(2,), sweep_batches=(2,), steps=3, repeats=1, warmup=0,
-                                  n_quality=8, sweep=(1.0, 2.0), cifar=False)
-    res = bench.run(cfg, "test", json_path=tmp_path / "rows.json", progress=False)
+    cfg = BenchConfig.quick(checkpoint=tiny_checkpoint, out=tmp_path / "out", denoise_batches=(3,),
+                            sample_batches=(2,), sweep_batches=(2,), steps=3, repeats=1, warmup=0,
+                            n_quality=8, sweep=(1.0, 2.0), cifar=False)
+    res = run_bench(cfg, "test", json_path=tmp_path / "rows.json", progress=False)
     rows = json.loads((tmp_path / "rows.json").read_text())
     engines = {r["engine"] for r in rows}
     assert {"torch-eager", "onnxruntime", "openvino", "torch-authors", "adadiff_rt"} <= engines

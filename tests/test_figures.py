@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adadiff_export import figures as F
+from adadiff_export.bench import figures as F
 from adadiff_export.model.schedule import VPSchedule
 
 from conftest import tiny_model

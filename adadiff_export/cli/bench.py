@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 def config_from_args(a: argparse.Namespace):
     """The BenchConfig the flags describe (`--quick` starts from the reduced run)."""
-    from ..bench import BenchConfig
+    from ..bench.config import BenchConfig
 
     kw: Dict[str, object] = dict(checkpoint=a.checkpoint, out=a.out, threshold=a.threshold, threads=a.threads,
                                  cifar=not a.no_cifar)
@@ -50,7 +50,8 @@ def config_from_args(a: argparse.Namespace):
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from ..bench import goals, markdown, run
+    from ..bench.report import goals, markdown
+    from ..bench.run import run
 
     cfg = config_from_args(a)
     res = run(cfg, "python -m adadiff_export " + " ".join(sys.argv[1:]), a.json)

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..bench.demo import DemoConfig, run_demo
 
     if a.n < 2:
         raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {a.n}")

@@ -14,9 +14,11 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .bench import (Contender, Quality, RtSetting, _full_layers, engines_match, machine, machine_line,
-                    measure_quality, open_runtime, openvino_full, python_contender, rt_contender)
-from .model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
+from .contenders import (Contender, RtSetting, engines_match, full_depth_layers, open_runtime, openvino_full,
+                         python_contender, rt_contender)
+from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
+from .harness import machine, machine_line
+from .quality import Quality, measure_quality
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class DemoConfig:
 
 def prepare_engines(engines: Path, checkpoint: Path, log: Callable[[str], None] = print) -> str:
     """Build unless a valid build is there, then verify; returns what was done, for the log."""
-    from .export.build import build_engines
-    from .export.verify import verify
+    from ..export.build import build_engines
+    from ..export.verify import verify
 
     def indented(line: str) -> None:
         log("    " + line)
@@ -54,9 +56,9 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: DemoConfig, thr: fl
     py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
     return {
-        "PyTorch eager, full depth": python_contender("torch-eager", "full", loaded.model, _full_layers(n), **py),
+        "PyTorch eager, full depth": python_contender("torch-eager", "full", loaded.model, full_depth_layers(n), **py),
         "OpenVINO f32, full graph": python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads),
-                                                     _full_layers(n), **py),
+                                                     full_depth_layers(n), **py),
         RT_FULL: rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         RT_DEFAULT: rt_contender(runtime, RtSetting("uem", thr), **rt),
     }
@@ -81,8 +83,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log: Callable[[str], None] 
     """Everything the demo does, each step reported through `log`; returns the paths of the pictures."""
     from tqdm import tqdm
 
-    from .quality.metrics import load_classifier
-    from .sampling.generate import default_guidance, default_threshold
+    from ..quality.metrics import load_classifier
+    from ..sampling.generate import default_guidance, default_threshold
 
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else SHIPPED_CHECKPOINT
     loaded = load(checkpoint)
@@ -119,9 +121,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log: Callable[[str], None] 
 
 def _pictures(loaded: Loaded, cts: Dict[str, Contender], cfg: DemoConfig, thr: float, w: float) -> List[Path]:
     """Figures 3 and 4 from adadiff_rt (same noise, 16 images), Figures 1 and 6 from the PyTorch oracle."""
+    from ..sampling.generate import noise_and_labels
+    from ..sampling.samplers import time_grid
     from . import figures as F
-    from .sampling.generate import noise_and_labels
-    from .sampling.samplers import time_grid
 
     c = loaded.model.config
     noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, 16, cfg.seed)

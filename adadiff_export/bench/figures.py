@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model.schedule import VPSchedule
-from .model.uvit import UViT
-from .sampling.early_exit import EarlyExitDenoiser, ExitPolicy, FULL_DEPTH
-from .sampling.images import grid
-from .sampling.samplers import guided, sample, time_grid
+from ..model.schedule import VPSchedule
+from ..model.uvit import UViT
+from ..sampling.early_exit import EarlyExitDenoiser, ExitPolicy, FULL_DEPTH
+from ..sampling.images import grid
+from ..sampling.samplers import guided, sample, time_grid
 
 DPI = 110
 POLICY_STYLE = {"uem": ("tab:blue", "o"), "static": ("tab:orange", "s"), "saturation": ("tab:green", "^")}
@@ -75,15 +75,11 @@ class OracleFigureData:
 
 # ----- Figure 5 ---------------------------------------------------------------
 def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, full_ms: float, full_fd: float,
-                  full_layers: float, title: str = "Quality vs. time", saturation_engine: str = "adadiff_rt") -> Path:
-    """Figure 5 twice: FD against mean layers (the paper's axis) and against wall-clock time.
-
-    `saturation_engine` names where saturation ran (a runtime without the policy leaves it to the
-    PyTorch oracle, whose times are PyTorch times): the legend says so.
-    """
+                  full_layers: float, title: str = "Quality vs. time") -> Path:
+    """Figure 5 twice: FD against mean layers (the paper's axis) and against wall-clock time."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), sharey=True)
-    labels = {"uem": "uem (adadiff_rt)", "static": "static (adadiff_rt)", "saturation": f"saturation ({saturation_engine})"}
+    labels = {policy: f"{policy} (adadiff_rt)" for policy in POLICY_STYLE}
     for ax, xkey, full_x, xlabel in (
             (axes[0], "mean_layers", full_layers, "mean layers per denoiser call"),
             (axes[1], "ms", full_ms, "time per 50-step sampling run (ms, lower is faster)")):
