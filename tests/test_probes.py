@@ -1,4 +1,4 @@
-"""scripts/exit_graph_probe.py: the forms it times compute the model, and it refuses to time one that does not.
+"""experiments/exit_graph_probe.py: the forms it times compute the model, and it refuses to time one that does not.
 
 The probe's figures in BENCHMARKS.md are only worth something if each stitched form is the same model as
 `full`; the script checks that before timing, and these tests check the check.
@@ -15,7 +15,7 @@ from runtime_engines import onnx_engines
 
 pytest.importorskip("openvino", reason="the probe compiles with the openvino Python package")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "exit_graph_probe.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "exit_graph_probe.py"
 
 
 def _probe():

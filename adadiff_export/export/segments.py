@@ -68,7 +68,7 @@ def head(model: UViT, h: Tensor) -> Tensor:
 
     OpenVINO CPU runs a Convolution with one input and one output channel at a small fraction of
     its usual speed: it was the largest single node of a batch-1 forward of the shipped model.
-    Nine scaled slices fuse into one elementwise kernel instead (`scripts/head_conv_probe.py` times
+    Nine scaled slices fuse into one elementwise kernel instead (`experiments/head_conv_probe.py` times
     both forms). It is equal to the convolution up to float rounding (about 1e-7 relative).
     Several channels keep the Convolution, which OpenVINO runs well.
     """

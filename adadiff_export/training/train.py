@@ -108,7 +108,7 @@ def reset_uems(model: UViT, ema: UViT, opt: torch.optim.Optimizer) -> None:
     """Fresh UEMs in the model and its EMA, and no optimizer moments for them.
 
     L_u is a squared error on a sigmoid: where a layer's error was large its target tanh|err| is ~1 and the
-    logits grow until the sigmoid saturates (scripts/layer_errors.py counts such pixels), after which no gradient can bring them
+    logits grow until the sigmoid saturates (experiments/layer_errors.py counts such pixels), after which no gradient can bring them
     back when the error falls. The UEMs read detached features, so re-fitting them leaves the backbone alone.
     """
     for uem in model.uems:

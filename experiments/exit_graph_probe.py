@@ -24,9 +24,9 @@ and an If).
 With --nodes, one layer segment is also compiled with OpenVINO's per-node counters and the nodes that only its
 `u` needs (its UEM, found from the compiled graph) are listed with their median time: what a UEM is made of.
 
-    python scripts/exit_graph_probe.py                               # engines/, batch 1, 1 thread
-    python scripts/exit_graph_probe.py --engines DIR --batch 1 --threads 1 --rounds 400 --compiles 3
-    python scripts/exit_graph_probe.py --nodes layer_2                # + the UEM's nodes in layer_2
+    python experiments/exit_graph_probe.py                               # engines/, batch 1, 1 thread
+    python experiments/exit_graph_probe.py --engines DIR --batch 1 --threads 1 --rounds 400 --compiles 3
+    python experiments/exit_graph_probe.py --nodes layer_2                # + the UEM's nodes in layer_2
 """
 from __future__ import annotations
 

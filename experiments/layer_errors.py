@@ -3,8 +3,8 @@
 The README's per-layer table: where an early exit can be trusted, and whether the UEMs say so.
 (`adadiff_export.quality.metrics.per_layer_error` is the paper's Figure 1, each layer against the final layer.)
 
-    python scripts/layer_errors.py                                # the shipped checkpoint
-    python scripts/layer_errors.py runs/x/ckpt.pt --t 0.2 0.5     # a training checkpoint (its EMA weights)
+    python experiments/layer_errors.py                                # the shipped checkpoint
+    python experiments/layer_errors.py runs/x/ckpt.pt --t 0.2 0.5     # a training checkpoint (its EMA weights)
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ prints, medians of interleaved rounds:
      and as the 7 different layers: what distinct compiled models cost;
   3. every layer compiled with and without its `u` output (OpenVINO then drops the UEM): what the UEMs cost.
 
-    python scripts/openvino_chain_probe.py                      # engines/ (build it first), batch 1, 1 thread
-    python scripts/openvino_chain_probe.py --engines DIR --batch 1 --threads 1 --rounds 300
+    python experiments/openvino_chain_probe.py                      # engines/ (build it first), batch 1, 1 thread
+    python experiments/openvino_chain_probe.py --engines DIR --batch 1 --threads 1 --rounds 300
 """
 from __future__ import annotations
 

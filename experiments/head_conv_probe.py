@@ -7,8 +7,8 @@ checkpoint both ways with the exporter's own settings, checks the two against ea
 1e-5 relative), compiles both like adadiff_rt does (f32, latency, one stream, the given threads, static
 batch) together with the exported `full` for scale, and times all three in rotation, call by call.
 
-    python scripts/head_conv_probe.py                                  # shipped checkpoint, batch 1 and 64, 1 thread
-    python scripts/head_conv_probe.py --checkpoint CKPT --batches 1 8 --threads 2 --rounds 100
+    python experiments/head_conv_probe.py                                  # shipped checkpoint, batch 1 and 64, 1 thread
+    python experiments/head_conv_probe.py --checkpoint CKPT --batches 1 8 --threads 2 --rounds 100
 """
 from __future__ import annotations
 

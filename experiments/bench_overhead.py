@@ -15,10 +15,10 @@ warm-up. Each compiled model's speed also varies by a few percent from one compi
 on these VMs, so every case runs in `--runtimes` separate Runtimes (separate compilations) and
 the table reports the median over them. Goal (issue 4): `thr=0` at most 5% slower than `full`.
 
-    python scripts/bench_overhead.py                      # shipped checkpoint -> engines/ (built if absent)
-    python scripts/bench_overhead.py --engines DIR        # an existing engines folder
-    python scripts/bench_overhead.py --checkpoint CKPT --engines DIR --threads 2 --repeats 200
-    python scripts/bench_overhead.py --config uvit-s-cifar10 --engines bench_out/engines_cifar --repeats 20 --runtimes 1
+    python experiments/bench_overhead.py                      # shipped checkpoint -> engines/ (built if absent)
+    python experiments/bench_overhead.py --engines DIR        # an existing engines folder
+    python experiments/bench_overhead.py --checkpoint CKPT --engines DIR --threads 2 --repeats 200
+    python experiments/bench_overhead.py --config uvit-s-cifar10 --engines bench_out/engines_cifar --repeats 20 --runtimes 1
 """
 from __future__ import annotations
 
