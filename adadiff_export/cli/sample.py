@@ -9,20 +9,24 @@ from typing import Any, Dict
 
 def add_exit_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by `sample` and `evaluate`: checkpoint, sampler, guidance and exit policy."""
+    from ..sampling.early_exit import GRANULARITIES, POLICIES
+    from ..sampling.samplers import DEFAULT_STEPS, SAMPLERS
+
     p.add_argument("checkpoint", nargs="?", type=Path, default=None,
                    help="checkpoint file (default: the shipped adadiff_export/weights/fashion_small.pt)")
-    p.add_argument("--sampler", choices=["dpm++", "ddim", "euler"], default="dpm++",
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
                    help="dpm++ (DPM-Solver++ 2M), ddim or euler (Euler-Maruyama on the VP SDE)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: dpm++ 50, ddim 100, euler 1000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's, else 2.0; 1 = no guidance)")
-    p.add_argument("--policy", choices=["uem", "static", "saturation"], default="uem",
+    p.add_argument("--policy", choices=list(POLICIES), default="uem",
                    help="exit policy: uem (learned uncertainty), static (fixed --layer), saturation (hidden state stops changing)")
     p.add_argument("--threshold", type=float, default=None,
                    help="exit when the score is below this (default for uem: the checkpoint's default threshold; 0 = full depth)")
     p.add_argument("--patience", type=int, default=1, help="consecutive layers below the threshold before exiting")
     p.add_argument("--layer", type=int, default=0, help="static policy: the layer every sample exits after (0 = full depth)")
-    p.add_argument("--granularity", choices=["sample", "batch"], default="sample",
+    p.add_argument("--granularity", choices=list(GRANULARITIES), default="sample",
                    help="sample: each sample exits on its own; batch: one decision for the batch (the authors' rule)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (and of stochastic samplers)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
