@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adadiff_export.data import load_fashion_mnist  # noqa: E402
 from adadiff_export.model.checkpoint import load  # noqa: E402
 from adadiff_export.quality.metrics import prediction_mse  # noqa: E402
-from adadiff_export.training.data import load_fashion_mnist  # noqa: E402
 
 
 def main(argv=None) -> int:

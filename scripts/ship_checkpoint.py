@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from adadiff_export.data import load_fashion_mnist
 from adadiff_export.model import checkpoint as ckpt
 from adadiff_export.model.config import ModelConfig
 from adadiff_export.model.schedule import VPSchedule
 from adadiff_export.model.uvit import UViT
-from adadiff_export.training.data import load_fashion_mnist
 
 
 def _half_precision_error(raw: dict, n: int = 256) -> dict:

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from adadiff_export.data import DataError, load_fashion_mnist
 from adadiff_export.model import checkpoint as ckpt
 from adadiff_export.quality.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
-from adadiff_export.training.data import DataError, load_fashion_mnist
 from adadiff_export.quality.metrics import (GaussianStats, class_accuracy, fd_to_test_set, frechet_distance,
                                     frechet_distance_from_stats, load_classifier, per_layer_error,
                                     prediction_mse)

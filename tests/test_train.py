@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from adadiff_export.cli import main
+from adadiff_export.data import DataError, load_dataset
 from adadiff_export.model import checkpoint as ckpt
-from adadiff_export.training.data import DataError, load_dataset
 from adadiff_export.training.losses import LossConfig
 from adadiff_export.training.train import TrainConfig, train
 

@@ -171,7 +171,7 @@ def _real_images(loaded: Loaded) -> Optional[Tensor]:
     if (c.img_size, c.in_chans) != (28, 1):
         return None
     try:
-        from ..training.data import load_fashion_mnist
+        from ..data import load_fashion_mnist
 
         return load_fashion_mnist("test").images[:128]
     except Exception:  # the data package is optional for timing; random images do as well

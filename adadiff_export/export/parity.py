@@ -257,7 +257,7 @@ def real_inputs(model, schedule, batch: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x0 = None
     if (c.img_size, c.in_chans) == (28, 1):
-        from ..training.data import DataError, load_fashion_mnist
+        from ..data import DataError, load_fashion_mnist
         try:
             data = load_fashion_mnist("test")
             idx = torch.randperm(len(data), generator=gen)[:batch]

@@ -163,7 +163,7 @@ def train_and_save(out: Path, cfg: ClassifierTrainConfig, command: str) -> Tuple
 
     Returns (test accuracy, minutes of training); `command` is recorded in the file's provenance.
     """
-    from ..training.data import load_fashion_mnist
+    from ..data import load_fashion_mnist
 
     train = load_fashion_mnist("train")
     test = load_fashion_mnist("test")

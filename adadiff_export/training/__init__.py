@@ -1,1 +1,1 @@
-"""Training: data, the joint AdaDiff loss and the training loop."""
+"""Training: the joint AdaDiff loss and the training loop."""

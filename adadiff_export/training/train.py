@@ -16,13 +16,13 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ..data import check_shape, load_dataset, sample_batch
 from ..model import checkpoint as ckpt
 from ..model.config import ModelConfig, preset
 from ..model.schedule import VPSchedule
 from ..model.uvit import UViT
 from ..sampling.images import save_grid
 from ..sampling.samplers import guided, sample_dpm_solver_pp
-from .data import check_shape, load_dataset, sample_batch
 from .losses import AllLayers, LossConfig, diffusion_loss
 
 
