@@ -1,4 +1,4 @@
-"""The export contract's segments as torch modules (shared/DESIGN.md section 3, docs/MANIFEST.md).
+"""The export contract's segments as torch modules (docs/ARCHITECTURE.md, "Contracts"; docs/MANIFEST.md).
 
 Each wrapper owns nothing but a reference to the model and calls its public pieces
 (`stem`, `layer`, `uncertainty`, `head`), so the exported graphs compute exactly what the

@@ -1,6 +1,6 @@
 """U-ViT with AdaDiff uncertainty estimation modules (UEMs).
 
-Layout follows shared/DESIGN.md section 1: tokens are [time, class?, patches]
+Layout (docs/ARCHITECTURE.md, "The model"): tokens are [time, class?, patches]
 plus a learned position embedding; `depth = 2k + 1` blocks with long skips from
 in block k+1-j into out block j; one output head shared by every layer; one UEM
 per layer fed with the detached hidden state and time embedding.

@@ -1,4 +1,4 @@
-"""AdaDiff's joint loss: L_simple + lambda * L_u + beta * L_UAL (shared/DESIGN.md section 1)."""
+"""AdaDiff's joint loss: L_simple + lambda * L_u + beta * L_UAL (docs/ARCHITECTURE.md, "The model")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
