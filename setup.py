@@ -1,24 +1,28 @@
-"""Build and install adadiff: the `adadiff_export` Python package and the `adadiff_rt` C++ module.
+"""Build the `adadiff_rt` C++ module for the `adadiff` package (metadata and dependencies: pyproject.toml).
 
-setup.py drives CMake (the pybind11 cmake_example pattern). Environment knobs:
+setup.py drives CMake (the pybind11 cmake_example pattern). `pip install .` builds in an isolated
+environment holding the build requirements of pyproject.toml, the pinned openvino wheel among them
+(the OpenVINO engine is found through that wheel's own CMake config). Environment knobs:
   CMAKE_ARGS           extra CMake arguments, e.g. "-DADADIFF_SANITIZE=ON -DADADIFF_TENSORRT=OFF"
   ADADIFF_SANITIZE=1   shorthand for -DADADIFF_SANITIZE=ON (ASan + UBSan build)
   ADADIFF_BUILD_JOBS   parallel compile jobs (default: the CPU count)
-OpenVINO is found through the installed `openvino` wheel's own CMake config, when installed.
-Install without build isolation so the build sees that wheel: `pip install --no-build-isolation .`
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+CMAKE_MIN = (3, 18)  # cmake_minimum_required of CMakeLists.txt
 
 
 class CMakeExtension(Extension):
@@ -70,21 +74,23 @@ class CMakeBuild(build_ext):
 
 
 def _has(tool: str) -> bool:
-    from shutil import which
+    return shutil.which(tool) is not None
 
-    return which(tool) is not None
+
+def cmake_build_requires() -> List[str]:
+    """[] when the system's CMake is recent enough, else the `cmake` wheel (setuptools hands this list to pip
+    as extra build requirements, so a machine without CMake still builds)."""
+    exe = shutil.which("cmake")
+    if exe:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+        m = re.search(r"(\d+)\.(\d+)", out)
+        if m and (int(m.group(1)), int(m.group(2))) >= CMAKE_MIN:
+            return []
+    return [f"cmake>={CMAKE_MIN[0]}.{CMAKE_MIN[1]}"]
 
 
 setup(
-    name="adadiff",
-    version="0.1.0",
-    description="AdaDiff early-exit diffusion: PyTorch training/export and the adadiff_rt C++ runtime",
-    packages=find_packages(include=["adadiff_export", "adadiff_export.*"]),
-    package_data={"adadiff_export": ["weights/*"]},
-    python_requires=">=3.9",
-    # torch is deliberately not listed: pip must never replace the user's (CPU or CUDA) torch.
-    install_requires=["numpy"],
     ext_modules=[CMakeExtension("adadiff_rt", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
+    setup_requires=cmake_build_requires(),
 )

@@ -2,7 +2,7 @@
 """The bench on a GPU machine: PyTorch peers against adadiff_rt's CUDA path (torch engines over DLPack).
 
 For a machine with an NVIDIA GPU and torch+CUDA, without OpenVINO or TensorRT. adadiff_rt must be
-built there with CUDA (`pip install --no-build-isolation .`; `adadiff_rt.has_cuda` is then True).
+built there with CUDA (`pip install .`; `adadiff_rt.has_cuda` is then True).
 Its `engine="dlpack"` runs each segment as a Python callable on the runtime's own CUDA buffers
 (zero-copy DLPack views); here the callables are the PyTorch model's own pieces (stem, block i with
 its UEM, head), so the runtime's exit logic, compaction and sampler kernels run for real on the GPU.

@@ -15,7 +15,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
+# torch first (pinned, CPU build), so that installing the package never chooses a torch for it.
 python -m pip install -q -r requirements.txt
-# --no-build-isolation: the build needs the installed openvino wheel's CMake config (and no network).
-python -m pip install -q --no-build-isolation .
+# The package, its dependencies and pytest; adadiff_rt is built in pip's isolated build environment
+# against the openvino wheel pinned in pyproject.toml (the same version it installs for run time).
+python -m pip install -q ".[test]"
 python -c "import adadiff_rt; print('adadiff_rt', adadiff_rt.__file__, 'openvino:', adadiff_rt.has_openvino, 'cuda:', adadiff_rt.has_cuda, 'tensorrt:', adadiff_rt.has_tensorrt)"

@@ -34,7 +34,7 @@ def import_runtime(need_openvino: bool = False):
     if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
         import adadiff_rt
     else:
-        adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install --no-build-isolation .)")
+        adadiff_rt = pytest.importorskip("adadiff_rt", reason="adadiff_rt is not built (pip install .)")
     if need_openvino and not adadiff_rt.has_openvino:
         pytest.skip("adadiff_rt was built without OpenVINO", allow_module_level=True)
     return adadiff_rt
