@@ -6,6 +6,7 @@ fails before exporting anything.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -208,6 +209,25 @@ def test_uncertainty_map_output(tmp_path):
     figures = parity.segment_parity(model, tmp_path, [spec], batch=2, uncertainty_map=True)
     assert [f.output for f in figures] == ["h_out", "u", "u_map"]
     parity.require(figures)
+
+
+def test_max_batch_1_builds_engines_that_run_one_row(built, tmp_path):
+    """`bench --quick` builds its CIFAR-shape engines with --max-batch 1; torch.export refused a batch range
+    1..1 ("Cannot create Dim with inconsistent min=1, max=1")."""
+    import onnx
+
+    out = build_engines(built[1], tmp_path / "engines", max_batch=1, log=lambda _line: None)
+    m = mf.load(out)
+    assert m.max_batch == 1
+    stem = onnx.load(str(out / m.segment("stem").file)).graph.input[0]
+    assert stem.type.tensor_type.shape.dim[0].dim_param == mf.BATCH  # still the symbolic batch
+    figures = parity.segment_parity(built[2], out, m.segments, batch=1, seed=3)
+    assert max(f.error for f in figures) < parity.TOLERANCES["fp32"]
+    if importlib.util.find_spec("adadiff_rt") is not None:  # and the runtime runs it like the oracle
+        import adadiff_rt
+        from runtime_engines import assert_parity, inputs
+
+        assert_parity(adadiff_rt.Runtime(str(out), threads=1), built[2], *inputs(built[2], 1), threshold=0.3)
 
 
 # ----- bad input: one clear error, exit 2, no folder and no temporary folder --------------------

@@ -5,8 +5,8 @@ the legacy TorchScript exporter is deprecated, and in this model it leaves the t
 `stem`'s output symbolic ("Addh_dim_1") where the contract wants it static. The dynamo exporter
 gives static non-batch dimensions, keeps `F.scaled_dot_product_attention` as plain
 MatMul/Softmax (which OpenVINO, onnxruntime and TensorRT all read), and its optimizer (onnxscript)
-folds constants. The batch is one `torch.export.Dim("B", min=1, max=max_batch)` shared by every
-input, so ONNX shows it as the symbol `B`.
+folds constants. The batch is one `torch.export.Dim("B")` shared by every input, so ONNX shows it as
+the symbol `B`; see `batch_dim` for its range.
 """
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ class ExportError(UserError, RuntimeError):
     """A segment could not be exported or its file does not match the contract."""
 
 
+# torch.export specializes a dimension whose example size is 1 into a constant, so the example inputs
+# always have two rows, whatever the largest batch.
+EXAMPLE_BATCH = 2
+
+
+def batch_dim(max_batch: int) -> "torch.export.Dim":
+    """The dynamic batch dimension for engines that accept 1..max_batch rows.
+
+    torch.export refuses a range whose min equals its max ("Cannot create Dim with inconsistent min=1,
+    max=1") and needs the example batch inside it, so the range is 1..max(max_batch, EXAMPLE_BATCH). The
+    graph is the same for any range (ONNX records only the symbol `B`); the manifest's max_batch is
+    what a runtime enforces.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return torch.export.Dim(BATCH, min=1, max=max(max_batch, EXAMPLE_BATCH))
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporter prints progress and warns about things we handle; keep the build output readable."""
@@ -71,9 +89,8 @@ def export_segment(model: UViT, spec: Segment, path: Path, max_batch: int,
 
     `module` replaces the segment's own module (same inputs and outputs): a probe comparing graph forms."""
     module = (module or segment_module(model, spec, uncertainty_map)).eval()
-    example = tuple(random_inputs(model, spec, min(2, max_batch), torch.Generator().manual_seed(0)))
-    batch = torch.export.Dim(BATCH, min=1, max=max_batch)
-    dynamic = {ts.name: {0: batch} for ts in spec.inputs}
+    example = tuple(random_inputs(model, spec, EXAMPLE_BATCH, torch.Generator().manual_seed(0)))
+    dynamic = {ts.name: {0: batch_dim(max_batch)} for ts in spec.inputs}
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
