@@ -79,6 +79,49 @@ def test_sample_errors(tiny_checkpoint: Path, tmp_path: Path, capsys):
     assert not (tmp_path / "g.png").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--seed", "-5", "--backend", "rt"], "--seed must be >= 0, got -5"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--out", "{tmp}/grid.jpgx"], ".jpgx is not an image format"),
+    (["--out", "{tmp}"], "is a folder"),
+    (["--out", "{tmp}/afile/grid.png"], "is a file, not a folder"),
+])
+def test_sample_refuses_bad_flags_before_any_work(tmp_path: Path, capsys, flags, message):
+    # the checkpoint does not exist: an error about the flag proves the flag was checked before any loading,
+    # let alone minutes of sampling
+    (tmp_path / "afile").write_text("")
+    argv = ["sample", str(tmp_path / "missing.pt"), "--engines", str(tmp_path / "no_engines"),
+            *[f.format(tmp=tmp_path) for f in flags]]
+    if "--out" not in flags:
+        argv += ["--out", str(tmp_path / "g.png")]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_evaluate_refuses_steps_0_before_any_work(tmp_path: Path, capsys):
+    rc, _, err = _run(capsys, "evaluate", str(tmp_path / "missing.pt"), "--steps", "0")
+    assert rc == 2 and "--steps must be >= 1" in err
+
+
+def test_a_step_count_of_0_is_refused_not_taken_for_the_default():
+    from adadiff_export.sampling.samplers import DEFAULT_STEPS, steps_for
+
+    assert steps_for("ddim", None) == DEFAULT_STEPS["ddim"] and steps_for("ddim", 7) == 7
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        steps_for("dpm++", 0)
+
+
+def test_generate_rt_refuses_a_seed_the_runtime_cannot_take(tmp_path: Path):
+    from adadiff_export.sampling.early_exit import ExitPolicy
+    from adadiff_export.sampling.generate import generate_rt
+
+    for seed in (-5, 2 ** 64):
+        with pytest.raises(ValueError, match="seed must be in 0.."):  # before the engines folder is even looked at
+            generate_rt(tmp_path / "no_engines", (1, 8, 8), 10, 4, ExitPolicy(), seed=seed)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("adadiff_rt") is not None, reason="adadiff_rt is built here")
 def test_sample_rt_backend_without_the_runtime_says_how_to_build_it(tiny_checkpoint: Path, tmp_path: Path, capsys):
     rc, _, err = _run(capsys, "sample", str(tiny_checkpoint), "--backend", "rt", "--engines", str(tmp_path),

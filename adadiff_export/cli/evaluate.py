@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .sample import add_exit_arguments, exit_policy
+from .sample import add_exit_arguments, check_run_arguments, exit_policy
 
 
 def _numbers(text: Optional[str], flag: str, kind=float) -> list:
@@ -51,6 +51,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.n < 2:
         raise ValueError(f"--n must be >= 2 (FD needs a covariance), got {a.n}")
+    check_run_arguments(a)
     loaded = ckpt.load(a.checkpoint)
     clf = load_classifier(a.classifier)
     policy = exit_policy(a, default_threshold(loaded))

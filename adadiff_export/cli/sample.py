@@ -32,6 +32,16 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
 
 
+def check_run_arguments(a: argparse.Namespace) -> None:
+    """Refuse bad --steps, --seed and --batch-size of `sample` and `evaluate` before any work is done."""
+    if a.steps is not None and a.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {a.steps} (leave it out for the sampler's default)")
+    if a.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {a.seed}")
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+
+
 def exit_policy(a: argparse.Namespace, default_threshold: float):
     """The ExitPolicy the flags describe; uem's threshold defaults to the checkpoint's."""
     from ..sampling.early_exit import ExitPolicy
@@ -79,14 +89,16 @@ def summary(result, a: argparse.Namespace, policy, steps: int) -> Dict[str, Any]
 def _cmd_sample(a: argparse.Namespace) -> int:
     from ..model import checkpoint as ckpt
     from ..sampling.generate import default_guidance, default_threshold, generate, generate_rt
-    from ..sampling.images import save_grid
-    from ..sampling.samplers import DEFAULT_STEPS
+    from ..sampling.images import check_image_path, save_grid
+    from ..sampling.samplers import steps_for
 
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
+    check_run_arguments(a)
+    check_image_path(a.out)
     loaded = ckpt.load(a.checkpoint)
     policy = exit_policy(a, default_threshold(loaded))
-    steps = a.steps or DEFAULT_STEPS[a.sampler]
+    steps = steps_for(a.sampler, a.steps)
     guidance = default_guidance(loaded) if a.guidance is None else a.guidance
     c = loaded.model.config
     if a.backend == "rt":

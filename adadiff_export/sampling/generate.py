@@ -19,10 +19,11 @@ from torch import Tensor
 from ..model.checkpoint import Loaded
 from ..quality.metrics import LoadedClassifier, class_accuracy, fd_to_test_set
 from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
-from .samplers import DEFAULT_STEPS, Denoiser, guided, sample
+from .samplers import Denoiser, guided, sample, steps_for
 
 DEFAULT_GUIDANCE = 2.0
 DEFAULT_THRESHOLD = 0.1  # used only when a checkpoint stores no default threshold
+MAX_RT_SEED = 2 ** 64 - 1  # adadiff_rt's sample() takes its seed as uint64
 
 
 @dataclass
@@ -87,7 +88,7 @@ def generate(loaded: Loaded, n: int, policy: ExitPolicy = FULL_DEPTH, sampler: s
     from tqdm import tqdm
 
     model, c = loaded.model, loaded.model.config
-    steps = steps or DEFAULT_STEPS.get(sampler, 50)
+    steps = steps_for(sampler, steps)
     w = default_guidance(loaded) if guidance is None else float(guidance)
     noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, n, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -120,14 +121,20 @@ def _import_rt():
 def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: int, n: int,
                 policy: ExitPolicy, sampler: str = "dpm++", steps: Optional[int] = None,
                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, progress: bool = True) -> GenerationResult:
-    """The same job on the C++ runtime (adadiff_rt, OpenVINO on CPU), batched to the engines' max_batch."""
+    """The same job on the C++ runtime (adadiff_rt, OpenVINO on CPU), batched to the engines' max_batch.
+
+    Chunk k of the run samples with seed `seed + k`: the runtime's generator takes an unsigned 64-bit seed.
+    """
     from tqdm import tqdm
 
+    if not 0 <= seed <= MAX_RT_SEED - n:
+        raise ValueError(f"seed must be in 0..{MAX_RT_SEED - n} for adadiff_rt (an unsigned 64-bit seed per "
+                         f"chunk of the run), got {seed}")
     rt_mod = _import_rt()
     if not (Path(engines) / "manifest.json").exists():
         raise FileNotFoundError(f"{Path(engines) / 'manifest.json'} not found: build engines first with "
                                 "`python -m adadiff_export build`")
-    steps = steps or DEFAULT_STEPS.get(sampler, 50)
+    steps = steps_for(sampler, steps)
     runtime = rt_mod.Runtime(str(engines), device="cpu")
     rows_per_sample = 2 if (num_classes > 0 and guidance != 1.0) else 1
     noise, labels = noise_and_labels(loaded_shape, num_classes, n, seed)

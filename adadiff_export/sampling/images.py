@@ -1,7 +1,8 @@
-"""Image grids: tensors in [-1, 1] to PNG files."""
+"""Image grids: tensors in [-1, 1] to PNG (or any format PIL writes) files."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -39,4 +40,27 @@ def save_grid(images: Tensor, path: Path, nrow: Optional[int] = None, scale: int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+    return path
+
+
+def check_image_path(path: Path) -> Path:
+    """Refuse, before any work is done, a path `save_grid` could not write: a file ending PIL writes no
+    format for, a folder, or a place inside a file or a folder that is not writable."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give an image file name such as {path / 'grid.png'}")
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"cannot write an image to {path}: {path.suffix or 'no file ending'} is not an image "
+                         "format PIL writes (use .png, .jpg, .bmp, .tif, .webp, ...)")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {parent} is not writable")
     return path

@@ -120,9 +120,22 @@ SAMPLERS: Dict[str, Callable[..., Tensor]] = {
 DEFAULT_STEPS = {"dpm++": 50, "ddim": 100, "euler": 1000}
 
 
-def sample(name: str, denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: Optional[int] = None,
-           y: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, **kw) -> Tensor:
-    """Run the sampler called `name` (`dpm++`, `ddim` or `euler`)."""
+def steps_for(name: str, steps: Optional[int] = None) -> int:
+    """The step count of a run of sampler `name`: `steps`, or the sampler's default when None.
+
+    0 is not "the default": a count below 1 is refused.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name](denoiser, x, schedule, steps or DEFAULT_STEPS[name], y=y, generator=generator, **kw)
+    if steps is None:
+        return DEFAULT_STEPS[name]
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return int(steps)
+
+
+def sample(name: str, denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: Optional[int] = None,
+           y: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, **kw) -> Tensor:
+    """Run the sampler called `name` (`dpm++`, `ddim` or `euler`) for `steps` (default: the sampler's)."""
+    steps = steps_for(name, steps)  # first: it refuses an unknown sampler by name
+    return SAMPLERS[name](denoiser, x, schedule, steps, y=y, generator=generator, **kw)
