@@ -258,6 +258,25 @@ def test_bad_checkpoints_fail_cleanly(built, tmp_path, capsys):
     _no_leftovers(tmp_path)
 
 
+def test_nan_weights_are_named_before_anything_is_exported(tmp_path, capsys, monkeypatch):
+    from adadiff_export.export import onnx_export
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[2].mlp[0].weight[3, 1] = float("nan")
+        model.uems[0].proj.bias[0] = float("inf")
+    path = _save(model, tmp_path / "nan.pt")
+    exported = []
+    monkeypatch.setattr(onnx_export, "export_segment", lambda *a, **k: exported.append(a))
+    out = tmp_path / "engines"
+    assert main(["build", str(path), "-o", str(out), "--max-batch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weight blocks.2.mlp.0.weight holds 1 NaN or Inf values" in err
+    assert "(and 1 more tensors)" in err and "parity" not in err
+    assert exported == [] and not out.exists()
+    _no_leftovers(tmp_path)
+
+
 def test_existing_folder_is_refused_without_force(built, capsys):
     out = built[0]
     before = mf.sha256_file(out / mf.FILENAME)

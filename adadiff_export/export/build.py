@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from ..errors import UserError
-from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
+from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load, require_finite
 from .manifest import FILENAME, PRECISIONS, ExitDefaults, Manifest, Segment, sha256_file, write
 
 TENSORRT_MODES = ("auto", "on", "off")
@@ -163,7 +163,8 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
     PyTorch and the chained early exit against the reference, builds TensorRT plans when TensorRT
     and a GPU are present (`tensorrt="on"` requires them, `"off"` skips them), optionally
     calibrates the exit threshold, and writes `manifest.json`. Raises FileExistsError when `out`
-    exists and not `force`; any failure removes the temporary folder and leaves `out` untouched.
+    exists and not `force`, CheckpointError (naming the tensor) before exporting anything when a
+    weight is NaN or Inf; any failure removes the temporary folder and leaves `out` untouched.
     """
     from . import tensorrt_build
 
@@ -176,6 +177,7 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
         raise FileNotFoundError(f"the shipped checkpoint {ckpt} is missing from this installation; "
                                 "pass a CHECKPOINT file to build")
     loaded = load(ckpt)
+    require_finite(loaded)
     trt = tensorrt_build.probe() if opts.tensorrt != "off" else None
     if opts.tensorrt == "on" and not trt.available:
         raise tensorrt_build.TensorRTUnavailable(f"--tensorrt on: {trt.reason}")

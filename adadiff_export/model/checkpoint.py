@@ -90,6 +90,21 @@ def load(path: Optional[Path] = None, use_ema: bool = True) -> Loaded:
     return Loaded(model, schedule, dict(raw.get("defaults", {})), raw, path)
 
 
+def require_finite(loaded: Loaded) -> None:
+    """Raise CheckpointError naming the first weight tensor that holds NaN or Inf (and how many do).
+
+    A model with such a weight computes NaN wherever it flows; exported, it would surface much later as a
+    parity failure of some segment rather than as what it is.
+    """
+    bad = [(name, int((~torch.isfinite(t)).sum()), t.numel())
+           for name, t in loaded.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        name, count, total = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"checkpoint {loaded.path}: weight {name} holds {count} NaN or Inf values of {total}"
+                              f"{more}; a model with non-finite weights cannot be exported")
+
+
 def save(payload: Dict[str, Any], path: Path) -> None:
     """Write atomically (temporary file + rename) so a crash never leaves half a checkpoint."""
     write_atomic({"format": FORMAT, "version": VERSION, **payload}, path)
