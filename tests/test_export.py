@@ -164,6 +164,32 @@ def test_verify_passes_and_catches_one_changed_byte(built, tmp_path, capsys):
     assert "head.onnx" in capsys.readouterr().err
 
 
+def test_verify_names_the_segment_whose_file_holds_another_segment(built, tmp_path, capsys):
+    import json
+
+    out = built[0]
+    # layer_1's file replaced by a copy of layer_2's, the manifest's checksum updated to match: every
+    # checksum holds and both are in-block layers with the same tensors
+    copied = tmp_path / "copied"
+    shutil.copytree(out, copied)
+    shutil.copy(copied / "layer_2.onnx", copied / "layer_1.onnx")
+    doc = json.loads((copied / mf.FILENAME).read_text())
+    next(s for s in doc["segments"] if s["name"] == "layer_1")["sha256"] = mf.sha256_file(copied / "layer_1.onnx")
+    (copied / mf.FILENAME).write_text(json.dumps(doc))
+    assert main(["verify", str(copied)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "segment layer_1: layer_1.onnx holds segment layer_2" in err, err
+    # two segments' entries swapped in the manifest (file and checksum)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    doc = json.loads((swapped / mf.FILENAME).read_text())
+    a, b = (next(s for s in doc["segments"] if s["name"] == n) for n in ("layer_4", "layer_5"))
+    (a["file"], a["sha256"]), (b["file"], b["sha256"]) = (b["file"], b["sha256"]), (a["file"], a["sha256"])
+    (swapped / mf.FILENAME).write_text(json.dumps(doc))
+    assert main(["verify", str(swapped), "--no-parity"]) == 2
+    assert "segment layer_4: layer_5.onnx holds segment layer_5" in capsys.readouterr().err
+
+
 def test_profile_costs_and_cumulative_exit_cost(built):
     from adadiff_export.export.profile import exit_costs, segment_costs
 

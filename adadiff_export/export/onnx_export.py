@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -39,6 +40,8 @@ _ONNX_DTYPES: Dict[int, str] = {
 class ExportError(UserError, RuntimeError):
     """A segment could not be exported or its file does not match the contract."""
 
+
+SEGMENT_NAME = re.compile(r"stem|head|full|layer_[0-9]+")
 
 # torch.export specializes a dimension whose example size is 1 into a constant, so the example inputs
 # always have two rows, whatever the largest batch.
@@ -102,6 +105,7 @@ def export_segment(model: UViT, spec: Segment, path: Path, max_batch: int,
     proto = program.model_proto
     _strip_metadata(proto)
     proto.producer_name = "adadiff_export"
+    proto.graph.name = spec.name  # what check_onnx reads back: a file copied over another segment's is named
     onnx.save_model(proto, str(path))
     check_onnx(path, spec)
 
@@ -111,12 +115,18 @@ def _shape_of(vi: onnx.ValueInfoProto) -> List[object]:
 
 
 def check_onnx(path: Path, spec: Segment) -> None:
-    """ONNX checker, strict shape inference, and names/dtypes/shapes exactly as the spec says."""
+    """ONNX checker, strict shape inference, the segment the file was exported as (its graph's name), and
+    names/dtypes/shapes exactly as the spec says."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
     except Exception as e:
         raise ExportError(f"segment {spec.name}: {Path(path).name} fails the ONNX checker: {e}") from None
+    held = model.graph.name
+    # Files exported before the graph carried the segment's name say "main_graph": nothing to compare.
+    if SEGMENT_NAME.fullmatch(held) and held != spec.name:
+        raise ExportError(f"segment {spec.name}: {Path(path).name} holds segment {held}, not {spec.name} "
+                          "(a segment's file was replaced by another's)")
     for what, got, want in (("inputs", model.graph.input, spec.inputs), ("outputs", model.graph.output, spec.outputs)):
         got_specs = [(vi.name, _ONNX_DTYPES.get(vi.type.tensor_type.elem_type, "?"), _shape_of(vi)) for vi in got]
         want_specs = [(ts.name, ts.dtype, list(ts.shape)) for ts in want]

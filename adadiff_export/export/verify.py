@@ -51,8 +51,8 @@ def _check_onnx_files(folder: Path, manifest: Manifest) -> None:
     for seg in manifest.segments:
         try:
             check_onnx(folder / seg.file, seg)
-        except ExportError as e:
-            raise ManifestError(f"{seg.file}: {e}") from None
+        except ExportError as e:  # its message names the segment and the file
+            raise ManifestError(str(e)) from None
 
 
 def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
