@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from ..files import write_atomically
 
 FORMAT = "adadiff-engines"
 VERSION = 1
@@ -301,18 +301,8 @@ def check_files(m: Manifest, folder: Path) -> None:
 def write(m: Manifest, folder: Path) -> Path:
     """Write `folder/manifest.json` atomically."""
     validate(m)
-    path = Path(folder) / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=FILENAME, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(m.to_dict(), f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(m.to_dict(), indent=2) + "\n"
+    return write_atomically(Path(folder) / FILENAME, lambda tmp: tmp.write_text(text))
 
 
 def load(folder: Path, check: bool = True) -> Manifest:

@@ -6,9 +6,7 @@ Layout: {"format": "adadiff-checkpoint", "version": 1, "config": {...}, "schedul
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -16,6 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..errors import UserError
+from ..files import write_atomically
 from .config import ModelConfig
 from .schedule import VPSchedule
 from .uvit import UViT
@@ -125,15 +124,7 @@ def write_atomic(payload: Dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shipped or shared file must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def shipped_payload(raw: Dict[str, Any], defaults: Dict[str, Any], provenance: Dict[str, Any]) -> Dict[str, Any]:
