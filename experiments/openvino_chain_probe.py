@@ -20,7 +20,6 @@ import glob
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adadiff_export.export.manifest import load  # noqa: E402
 from adadiff_export.export.openvino_cpu import bound_request, compile_static  # noqa: E402
+from adadiff_export.export.profile import timed_rounds  # noqa: E402
 from adadiff_export.export.parity import random_feed  # noqa: E402
 
 
 def _rounds(cases: dict, rounds: int) -> dict:
-    for fn in cases.values():
-        for _ in range(10):
-            fn()
-    times = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    """Median ms per call of each case: 10 warm-up rounds, then `rounds` rounds of one call each."""
+    return {k: 1e3 * sec for k, sec in timed_rounds(cases, warmup=10, iters=rounds).items()}
 
 
 def _voluntary_switches() -> int:

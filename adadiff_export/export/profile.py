@@ -29,7 +29,7 @@ from .parity import random_feed
 ENGINES = ("openvino", "onnxruntime")
 
 
-def _timed_rounds(calls: Dict[str, Callable[[], object]], warmup: int, iters: int) -> Dict[str, float]:
+def timed_rounds(calls: Dict[str, Callable[[], object]], warmup: int, iters: int) -> Dict[str, float]:
     """Median seconds per call of each entry, timed in interleaved rounds.
 
     One call of every segment per round, so a burst of load from elsewhere on the machine lands on
@@ -81,7 +81,7 @@ def segment_costs(folder: Path, engine: str = "openvino", batch: int = 1, warmup
         run = _RUNNERS[engine](Path(folder) / seg.file, threads, batch)
         feed = random_feed(seg, batch, rng, manifest.model["num_classes"])
         calls[seg.name] = functools.partial(run, feed)
-    return {name: 1000.0 * sec for name, sec in _timed_rounds(calls, warmup, iters).items()}
+    return {name: 1000.0 * sec for name, sec in timed_rounds(calls, warmup, iters).items()}
 
 
 def exit_costs(costs: Dict[str, float], depth: int) -> List[float]:
