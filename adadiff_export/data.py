@@ -72,6 +72,17 @@ def load_fashion_mnist(split: str = "train") -> Dataset:
     return Dataset(torch.from_numpy(images[:, None]), torch.from_numpy(labels))
 
 
+def fashion_mnist_test_for(img_size: int, in_chans: int) -> Optional[Dataset]:
+    """The Fashion-MNIST test set when a model takes its images (28x28, one channel) and the data is
+    installed; None otherwise, where callers fall back to random images."""
+    if (img_size, in_chans) != (28, 1):
+        return None
+    try:
+        return load_fashion_mnist("test")
+    except DataError:
+        return None
+
+
 def load_npz(path: Path) -> Dataset:
     """An .npz with `images` ([N,H,W], [N,H,W,C] or [N,C,H,W]; uint8 or float in [-1,1]) and optional `labels`."""
     with np.load(path, allow_pickle=False) as z:

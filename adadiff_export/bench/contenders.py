@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..model.uvit import UViT
 from ..sampling.samplers import guided, sample_dpm_solver_pp
-from .harness import Row
+from .harness import FULL_PEERS, Row
 
 
 class AuthorsEarlyExit:
@@ -174,6 +174,17 @@ def python_contender(engine: str, policy: str, fn: Callable, layers_of: Callable
 
 def full_depth_layers(n: int) -> Callable[[Callable, int], np.ndarray]:
     return lambda fn, b: np.full(b, n)
+
+
+def full_depth_peers(model: UViT, engines: Path, threads: int, schedule, guidance: float,
+                     engines_used: Sequence[str] = FULL_PEERS) -> List[Contender]:
+    """The full-depth peers every speedup is measured against, in `engines_used` order: PyTorch eager on the
+    model, onnxruntime and OpenVINO (f32) on the folder's `full.onnx`."""
+    make = {"torch-eager": lambda: model,
+            "onnxruntime": lambda: onnxruntime_full(engines / "full.onnx", threads),
+            "openvino": lambda: openvino_full(engines / "full.onnx", threads)}
+    return [python_contender(name, "full", make[name](), full_depth_layers(model.depth), schedule=schedule,
+                             guidance=guidance, null_class=model.config.num_classes) for name in engines_used]
 
 
 def authors_layers(fn: AuthorsEarlyExit, b: int) -> np.ndarray:

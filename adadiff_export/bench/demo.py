@@ -14,8 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .contenders import (Contender, RtSetting, engines_match, full_depth_layers, open_runtime, openvino_full,
-                         python_contender, rt_contender)
+from .contenders import Contender, RtSetting, engines_match, full_depth_peers, open_runtime, rt_contender
 from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load
 from .harness import machine, machine_line
 from .quality import Quality, measure_quality
@@ -52,13 +51,12 @@ RT_FULL, RT_DEFAULT = "adadiff_rt, threshold 0 (all layers)", "adadiff_rt, defau
 
 
 def _contenders(loaded: Loaded, engines: Path, runtime, cfg: DemoConfig, thr: float, w: float) -> Dict[str, Contender]:
-    n, null = loaded.model.depth, loaded.model.config.num_classes
-    py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
+    eager, openvino = full_depth_peers(loaded.model, engines, cfg.threads, loaded.schedule, w,
+                                       engines_used=("torch-eager", "openvino"))
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
     return {
-        "PyTorch eager, full depth": python_contender("torch-eager", "full", loaded.model, full_depth_layers(n), **py),
-        "OpenVINO f32, full graph": python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads),
-                                                     full_depth_layers(n), **py),
+        "PyTorch eager, full depth": eager,
+        "OpenVINO f32, full graph": openvino,
         RT_FULL: rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         RT_DEFAULT: rt_contender(runtime, RtSetting("uem", thr), **rt),
     }

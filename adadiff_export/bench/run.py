@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data import fashion_mnist_test_for
 from ..model.checkpoint import Loaded
 from .config import BenchConfig
 from .contenders import (CHAINED, AuthorsEarlyExit, Contender, RtSetting, authors_layers, engines_match, ensure_engines,
-                         full_depth_layers, onnxruntime_full, open_runtime, openvino_full, python_contender,
-                         rt_contender, static_contenders)
+                         full_depth_peers, open_runtime, python_contender, rt_contender, static_contenders)
 from .harness import (RT_PROMOTE_AFTER, Case, Row, SegmentCosts, finish_cell, machine, profile_segments,
                       time_interleaved)
 from .quality import Quality, quality_runs, row_quality
@@ -73,15 +73,13 @@ def time_cell(contenders: Sequence[Contender], model: str, workload: str, batch:
 def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: float, w: float,
                 static_layer: int, sat_threshold: float, sweep: Sequence[float]) -> List[Contender]:
     """Every peer and every setting of ours, in table order."""
-    m, n, null = loaded.model, loaded.model.depth, loaded.model.config.num_classes
-    py = dict(schedule=loaded.schedule, guidance=w, null_class=null)
+    m = loaded.model
+    py = dict(schedule=loaded.schedule, guidance=w, null_class=m.config.num_classes)
     authors = AuthorsEarlyExit(m, thr)
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
     chained = open_runtime(engines, cfg.threads, fuse=False)
     out = [
-        python_contender("torch-eager", "full", m, full_depth_layers(n), **py),
-        python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), full_depth_layers(n), **py),
-        python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), full_depth_layers(n), **py),
+        *full_depth_peers(m, engines, cfg.threads, loaded.schedule, w),
         python_contender("torch-authors", "uem", authors, authors_layers, granularity="batch", threshold=thr,
                          default=True, note="head+UEM at every layer, one decision per batch", **py),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
@@ -166,16 +164,11 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
 
 
 def _real_images(loaded: Loaded) -> Optional[Tensor]:
-    """Fashion-MNIST test images for the denoise inputs when the model has that shape, else None."""
+    """Fashion-MNIST test images for the denoise inputs when the model has that shape, else None (the data
+    package is optional for timing; random images do as well)."""
     c = loaded.model.config
-    if (c.img_size, c.in_chans) != (28, 1):
-        return None
-    try:
-        from ..data import load_fashion_mnist
-
-        return load_fashion_mnist("test").images[:128]
-    except Exception:  # the data package is optional for timing; random images do as well
-        return None
+    test = fashion_mnist_test_for(c.img_size, c.in_chans)
+    return None if test is None else test.images[:128]
 
 
 def _figures(loaded: Loaded, quality: Dict[str, Quality], thr: float, w: float, sat_thr: Dict[str, float],
@@ -213,14 +206,10 @@ def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) 
     loaded = load(ckpt)
     engines = ensure_engines(ckpt, cfg.out / "engines_uvit_s_cifar10", max(cfg.cifar_batches))
     runtime = open_runtime(engines, cfg.threads)
-    m, n = loaded.model, loaded.model.depth
-    py = dict(schedule=loaded.schedule, guidance=1.0, null_class=m.config.num_classes)
     rt = dict(steps=cfg.steps, guidance=1.0, seed=cfg.seed)
     note = "untrained weights; static exit at the shipped model's mean layers"
     cts = [
-        python_contender("torch-eager", "full", m, full_depth_layers(n), **py),
-        python_contender("onnxruntime", "full", onnxruntime_full(engines / "full.onnx", cfg.threads), full_depth_layers(n), **py),
-        python_contender("openvino", "full", openvino_full(engines / "full.onnx", cfg.threads), full_depth_layers(n), **py),
+        *full_depth_peers(loaded.model, engines, cfg.threads, loaded.schedule, 1.0),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         *static_contenders(runtime, open_runtime(engines, cfg.threads, fuse=False), static_layer, note, **rt),
     ]

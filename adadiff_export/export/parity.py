@@ -253,18 +253,15 @@ def real_inputs(model, schedule, batch: int, seed: int = 0):
     """Noised Fashion-MNIST test images for a 28x28x1 model (random images otherwise), t and y."""
     import torch
 
+    from ..data import fashion_mnist_test_for
+
     c = model.config
     gen = torch.Generator().manual_seed(seed)
-    x0 = None
-    if (c.img_size, c.in_chans) == (28, 1):
-        from ..data import DataError, load_fashion_mnist
-        try:
-            data = load_fashion_mnist("test")
-            idx = torch.randperm(len(data), generator=gen)[:batch]
-            x0, y = data.images[idx], data.labels[idx]
-        except DataError:
-            x0 = None
-    if x0 is None:
+    data = fashion_mnist_test_for(c.img_size, c.in_chans)
+    if data is not None:
+        idx = torch.randperm(len(data), generator=gen)[:batch]
+        x0, y = data.images[idx], data.labels[idx]
+    else:
         x0 = torch.randn(batch, c.in_chans, c.img_size, c.img_size, generator=gen).clamp(-1, 1)
         y = torch.randint(0, max(c.num_classes, 1), (batch,), generator=gen)
     t = torch.rand(batch, generator=gen) * (1 - schedule.t_eps) + schedule.t_eps
