@@ -26,15 +26,17 @@ class Engine {
   // the head's output. Returns false when the engine cannot fuse (the runtime then chains the
   // segments); a per-segment call costs tens of microseconds that one graph does not pay.
   virtual bool run_static(int /*layers*/, int /*batch*/, void* const* /*in*/, void* /*eps*/) { return false; }
-  // Optional: the `uem` exit loop with its decisions inside the engine: after each layer the
-  // executable tests u against `threshold` itself and skips the layers left once every row has
-  // exited, so a forward is one call instead of one per segment. Rows that exit while others run
-  // keep their hidden state (their later layers are computed and discarded). Writes eps
-  // [B, C, H, W], u [B, N] (NaN where a layer did not run for that row, and for the last layer, as
-  // the chained loop records) and each row's exit layer (int64 [B]). `in` as for run_static.
-  // Returns false when the engine declines; the runtime then chains the segments.
-  virtual bool run_exit(const ExitGraphSpec& /*spec*/, int /*batch*/, void* const* /*in*/, float /*threshold*/,
-                        void* /*eps*/, void* /*u*/, void* /*exit_layer*/) {
+  // Optional: the `uem` exit loop with its decisions inside the engine: after each layer i < N the
+  // executable tests u against thresholds[i] itself and skips the layers left once every row has
+  // exited, so a forward is one call instead of one per segment. `thresholds` is layer-major:
+  // [N - 1][batch] for per-row exit, [N - 1] for the batch mean; -1 means "no exit here" (a
+  // minimum layer) and 2 "exit here" (a maximum layer), since u lies in [0, 1]. Rows that exit
+  // while others run keep their hidden state (their later layers are computed and discarded).
+  // Writes eps [B, C, H, W], u [B, N] (NaN where a layer did not run for that row, and for the
+  // last layer, as the chained loop records) and each row's exit layer (int64 [B]). `in` as for
+  // run_static. Returns false when the engine declines; the runtime then chains the segments.
+  virtual bool run_exit(const ExitGraphSpec& /*spec*/, int /*batch*/, void* const* /*in*/,
+                        const float* /*thresholds*/, void* /*eps*/, void* /*u*/, void* /*exit_layer*/) {
     return false;
   }
 };

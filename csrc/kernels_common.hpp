@@ -13,8 +13,26 @@
 
 namespace adadiff {
 
-enum class Policy : int { Uem = 0, Static = 1, Saturation = 2 };
+enum class Policy : int { Uem = 0, Static = 1, Saturation = 2, Schedule = 3 };
 enum class Granularity : int { Sample = 0, Batch = 1 };
+
+// Exit parameters that depend on the step's time (the manifest's exit.schedule and
+// exit.uem_time, docs/MANIFEST.md). A row's bin is the number of bounds above its t (bounds
+// descend), so bin 0 holds the noisiest steps. The arrays live where the runtime's buffers live.
+struct TimeTableView {
+  const double* bounds = nullptr;     // [bins - 1], descending
+  const int* min_layer = nullptr;     // [bins] schedule: the exit layer; uem-time: first layer that may exit
+  const int* max_layer = nullptr;     // [bins] uem-time: every row has exited after this layer
+  const float* threshold = nullptr;   // [bins] uem-time: exit when u < threshold
+  int bins = 0;                       // 0: no table (the paper's rule, one threshold)
+};
+
+// Compared in double: t is float32 and the bounds are the JSON's doubles, as the oracle compares them.
+ADADIFF_HD int table_bin(const TimeTableView& tb, float t) {
+  int k = 0;
+  for (int j = 0; j + 1 < tb.bins; ++j) k += double(t) < tb.bounds[j] ? 1 : 0;
+  return k;
+}
 
 struct ExitParams {
   Policy policy = Policy::Uem;
@@ -24,11 +42,13 @@ struct ExitParams {
   int layer = 0;  // 0-based layer just run
   int n_layers = 1;
   int static_layer = 0;  // 1-based exit layer of `static` (already resolved: 0 means n_layers)
+  TimeTableView table;   // `schedule`, and `uem` with time-dependent thresholds (uem-time)
 };
 
 // Pointers into runtime buffers (host or device, all on the same side).
 struct ExitBuffers {
   const float* score;   // [n] u (uem) or relative change (saturation)
+  const float* t;       // [B] time of each original sample (read only through a time table)
   const int* active;    // [n] original sample of each working row
   const int* count;     // [n] consecutive layers below threshold
   int* new_active;      // [n - m] kept rows' samples, in order
@@ -41,11 +61,12 @@ struct ExitBuffers {
   int* m_out;           // number exiting
 };
 
-// The oracle's rule (adadiff_export/early_exit.py). A serial loop on purpose: n is at most a
+// The oracle's rule (adadiff_export/sampling/early_exit.py). A serial loop on purpose: n is at most a
 // few hundred rows, and one ordered pass yields the exit list, the kept list and the count at once.
 ADADIFF_HD void decide_exits(const ExitParams& p, const ExitBuffers& b, int n) {
   const bool last = p.layer == p.n_layers - 1;
-  const bool scored = !last && p.policy != Policy::Static;
+  const bool scored = !last && (p.policy == Policy::Uem || p.policy == Policy::Saturation);
+  const int here = p.layer + 1;  // 1-based layer just run
   bool batch_below = false;
   if (scored && p.granularity == Granularity::Batch) {
     float sum = 0.0f;  // torch's float32 mean; differences of an ulp only matter at the threshold itself
@@ -60,7 +81,15 @@ ADADIFF_HD void decide_exits(const ExitParams& p, const ExitBuffers& b, int n) {
     if (last) {
       exits = true;
     } else if (p.policy == Policy::Static) {
-      exits = p.layer + 1 >= p.static_layer;
+      exits = here >= p.static_layer;
+    } else if (p.policy == Policy::Schedule) {
+      exits = here >= p.table.min_layer[table_bin(p.table, b.t[b.active[j]])];
+    } else if (p.table.bins > 0) {
+      // uem-time: rows may exit from the bin's first layer on and all have by its last.
+      const int k = table_bin(p.table, b.t[b.active[j]]);
+      const bool below = here >= p.table.min_layer[k] && b.score[j] < p.table.threshold[k];
+      c = below ? c + 1 : 0;
+      exits = c >= p.patience || here >= p.table.max_layer[k];
     } else {
       bool below = p.granularity == Granularity::Batch ? batch_below : b.score[j] < p.threshold;
       c = below ? c + 1 : 0;

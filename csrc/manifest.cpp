@@ -105,6 +105,36 @@ std::string Manifest::verified_path(const std::string& what, const std::string& 
   return path;
 }
 
+int TimeTable::bin(float t) const {
+  int k = 0;
+  for (double b : bounds) k += double(t) < b ? 1 : 0;
+  return k;
+}
+
+void check_time_table(const TimeTable& t, int depth, bool thresholds, const std::string& where) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(where + ": " + what); };
+  const int k = t.bins();
+  if (k < 1 || k > kMaxTableBins) fail("needs 1.." + std::to_string(kMaxTableBins) + " bins, got " + std::to_string(k));
+  if (int(t.bounds.size()) != k - 1)
+    fail("t_bounds must hold one value fewer than the bins (" + std::to_string(k - 1) + "), got " +
+         std::to_string(t.bounds.size()));
+  if (int(t.max_layer.size()) != k) fail("max_layers must hold one value per bin");
+  for (size_t j = 0; j < t.bounds.size(); ++j) {
+    if (!(t.bounds[j] > 0.0 && t.bounds[j] < 1.0)) fail("t_bounds must lie in (0, 1)");
+    if (j > 0 && !(t.bounds[j] < t.bounds[j - 1])) fail("t_bounds must strictly decrease (bin 0 is the noisiest)");
+  }
+  for (int i = 0; i < k; ++i) {
+    if (t.min_layer[size_t(i)] < 1 || t.max_layer[size_t(i)] > depth || t.min_layer[size_t(i)] > t.max_layer[size_t(i)])
+      fail("bin " + std::to_string(i) + ": layers must satisfy 1 <= min <= max <= " + std::to_string(depth) + ", got " +
+           std::to_string(t.min_layer[size_t(i)]) + ".." + std::to_string(t.max_layer[size_t(i)]));
+  }
+  if (thresholds) {
+    if (int(t.threshold.size()) != k) fail("thresholds must hold one value per bin");
+    for (float v : t.threshold)
+      if (!(v >= 0.0f && v <= 1.0f)) fail("thresholds must lie in [0, 1], got " + std::to_string(v));
+  }
+}
+
 namespace {
 
 using json::Value;
@@ -303,6 +333,61 @@ TensorRtDesc parse_tensorrt(const Value* v) {
   return t;
 }
 
+std::vector<double> numbers(const Value& obj, const std::string& where, const std::string& key) {
+  const Value& arr = field(obj, where, key);
+  if (arr.type != Value::Type::Array) bad(where + "." + key, "expected an array of numbers");
+  std::vector<double> out;
+  for (size_t i = 0; i < arr.array.size(); ++i) {
+    if (arr.array[i].type != Value::Type::Number) bad(where + "." + key + "[" + std::to_string(i) + "]", "expected a number");
+    out.push_back(arr.array[i].number);
+  }
+  return out;
+}
+
+std::vector<int> integers(const Value& obj, const std::string& where, const std::string& key) {
+  const Value& arr = field(obj, where, key);
+  if (arr.type != Value::Type::Array) bad(where + "." + key, "expected an array of integers");
+  std::vector<int> out;
+  for (size_t i = 0; i < arr.array.size(); ++i)
+    out.push_back(integer(arr.array[i], where + "." + key + "[" + std::to_string(i) + "]"));
+  return out;
+}
+
+// exit.schedule {t_bounds, layers} or exit.uem_time {t_bounds, min_layers, max_layers, thresholds}.
+TimeTable parse_table(const Value* v, const std::string& where, int depth, bool uem) {
+  TimeTable t;
+  if (!v || v->is_null()) return t;
+  t.bounds = numbers(*v, where, "t_bounds");
+  if (uem) {
+    t.min_layer = integers(*v, where, "min_layers");
+    t.max_layer = integers(*v, where, "max_layers");
+    for (double x : numbers(*v, where, "thresholds")) t.threshold.push_back(float(x));
+  } else {
+    t.min_layer = integers(*v, where, "layers");
+    t.max_layer = t.min_layer;
+  }
+  try {
+    check_time_table(t, depth, uem, where);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("manifest.json: ") + e.what());
+  }
+  return t;
+}
+
+// The default policy must be one this runtime runs, with what it needs in the folder.
+void check_exit_defaults(const Manifest& m) {
+  const ExitDefaults& e = m.exit;
+  if (e.policy != "uem" && e.policy != "uem-time" && e.policy != "schedule" && e.policy != "static" &&
+      e.policy != "saturation")
+    bad("exit.policy", "unknown policy '" + e.policy + "' (uem, uem-time, schedule, static, saturation)");
+  if (e.policy == "schedule" && e.schedule.empty()) bad("exit.policy", "is 'schedule' but exit.schedule is absent");
+  if (e.policy == "uem-time" && e.uem_time.empty()) bad("exit.policy", "is 'uem-time' but exit.uem_time is absent");
+  if (e.granularity != "sample" && e.granularity != "batch") bad("exit.granularity", "must be 'sample' or 'batch'");
+  if (e.patience < 1) bad("exit.patience", "must be >= 1");
+  if (e.layer < 0 || e.layer > m.model.depth) bad("exit.layer", "must be in 0..depth (0 = full depth)");
+  if (!(e.threshold >= 0.0 && std::isfinite(e.threshold))) bad("exit.threshold", "must be a finite number >= 0");
+}
+
 std::string read_text(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("no manifest.json in the engines folder (cannot open " + path + ")");
@@ -327,9 +412,10 @@ Manifest load_manifest(const std::string& dir) {
   if (root.type != Value::Type::Object) bad("document", "expected an object");
   if (str(root, "document", "format") != "adadiff-engines") bad("format", "expected \"adadiff-engines\"");
   m.version = integer(root, "document", "version");
-  if (m.version != kManifestVersion)
-    bad("version", "the engines folder has manifest version " + std::to_string(m.version) +
-                       ", this runtime reads version " + std::to_string(kManifestVersion) + "; rebuild the engines");
+  if (m.version < kOldestManifestVersion || m.version > kManifestVersion)
+    bad("version", "the engines folder has manifest version " + std::to_string(m.version) + ", this runtime reads " +
+                       std::to_string(kOldestManifestVersion) + ".." + std::to_string(kManifestVersion) +
+                       (m.version > kManifestVersion ? "; update adadiff_rt" : "; rebuild the engines"));
   m.model = parse_model(field(root, "document", "model"));
   const Value& sch = field(root, "document", "schedule");
   if (const Value* ty = sch.find("type"); ty && !(ty->type == Value::Type::String && ty->string == "vp_linear"))
@@ -370,7 +456,11 @@ Manifest load_manifest(const std::string& dir) {
     if (const Value* t = ex->find("threshold"); t && t->type == Value::Type::Number) m.exit.threshold = t->number;
     if (const Value* p = ex->find("patience"); p && !p->is_null()) m.exit.patience = integer(*p, "exit.patience");
     if (const Value* g = ex->find("guidance"); g && g->type == Value::Type::Number) m.exit.guidance = g->number;
+    if (const Value* l = ex->find("layer"); l && !l->is_null()) m.exit.layer = integer(*l, "exit.layer");
+    m.exit.schedule = parse_table(ex->find("schedule"), "exit.schedule", m.model.depth, false);
+    m.exit.uem_time = parse_table(ex->find("uem_time"), "exit.uem_time", m.model.depth, true);
   }
+  check_exit_defaults(m);
   if (!m.model.conditional()) m.exit.guidance = 1.0;
   return m;
 }

@@ -46,10 +46,31 @@ struct ScheduleDesc {
   double beta_min = 0.1, beta_max = 20.0, t_eps = 1e-3;
 };
 
+// Exit parameters by the step's time (docs/MANIFEST.md, exit.schedule and exit.uem_time): bin k
+// covers bounds[k-1] > t >= bounds[k] (bounds descend; bin 0 is the noisiest). A schedule has one
+// exit layer per bin (min_layer == max_layer, no thresholds); uem-time lets a row exit from
+// min_layer on once u < threshold, and after max_layer at the latest.
+struct TimeTable {
+  std::vector<double> bounds;
+  std::vector<int> min_layer, max_layer;
+  std::vector<float> threshold;
+  int bins() const { return int(min_layer.size()); }
+  bool empty() const { return min_layer.empty(); }
+  int bin(float t) const;
+};
+
+constexpr int kMaxTableBins = 1024;
+
+// Throws std::invalid_argument naming `where` unless the table is well formed for a model of
+// `depth` layers: bounds descending in (0, 1), layers in 1..depth, min <= max, thresholds in [0, 1].
+void check_time_table(const TimeTable& t, int depth, bool thresholds, const std::string& where);
+
 struct ExitDefaults {
   std::string policy = "uem", granularity = "sample";
   double threshold = 0.1, guidance = 1.0;
   int patience = 1;
+  int layer = 0;  // static: the exit layer (0 = full depth)
+  TimeTable schedule, uem_time;  // empty when the folder was not calibrated for them
 };
 
 struct PlanDesc {
@@ -79,7 +100,9 @@ struct Manifest {
   std::string verified_path(const std::string& what, const std::string& file, const std::string& sha) const;
 };
 
-constexpr int kManifestVersion = 1;
+// Version 2 added exit.layer, exit.schedule and exit.uem_time; version 1 folders still load.
+constexpr int kManifestVersion = 2;
+constexpr int kOldestManifestVersion = 1;
 
 // Reads and validates <dir>/manifest.json; throws std::runtime_error naming the field at fault.
 Manifest load_manifest(const std::string& dir);

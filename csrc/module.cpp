@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <optional>
@@ -39,6 +40,80 @@ py::array_t<T, py::array::c_style> typed(const py::handle& obj, const char* name
   if (!a.dtype().is(py::dtype::of<T>()))
     throw py::type_error(std::string(name) + " must have dtype " + dtype + ", got " + std::string(py::str(a.dtype())));
   return py::array_t<T, py::array::c_style>::ensure(a);
+}
+
+std::vector<double> float_list(const py::dict& d, const char* key, const std::string& where) {
+  if (!d.contains(key)) throw py::value_error(where + " needs '" + key + "'");
+  try {
+    return d[key].cast<std::vector<double>>();
+  } catch (const py::cast_error&) {
+    throw py::type_error(where + "['" + key + "'] must be a list of numbers");
+  }
+}
+
+std::vector<int> int_list(const py::dict& d, const char* key, const std::string& where) {
+  if (!d.contains(key)) throw py::value_error(where + " needs '" + key + "'");
+  try {
+    return d[key].cast<std::vector<int>>();
+  } catch (const py::cast_error&) {
+    throw py::type_error(where + "['" + key + "'] must be a list of integers");
+  }
+}
+
+// The manifest's JSON form of a time table (docs/MANIFEST.md): {t_bounds, layers} for a schedule,
+// {t_bounds, min_layers, max_layers, thresholds} for uem-time. The runtime checks the values.
+std::optional<TimeTable> time_table(const std::optional<py::dict>& d, const std::optional<std::string>& policy) {
+  if (!d) return std::nullopt;
+  const bool uem = d->contains("thresholds");
+  const std::string where = uem ? "table (uem-time)" : "table (schedule)";
+  const std::vector<std::string> keys = uem ? std::vector<std::string>{"t_bounds", "min_layers", "max_layers", "thresholds"}
+                                            : std::vector<std::string>{"t_bounds", "layers"};
+  for (const auto& kv : *d) {
+    const std::string k = py::str(kv.first);
+    if (std::find(keys.begin(), keys.end(), k) == keys.end())
+      throw py::value_error(where + ": unknown key '" + k + "'");
+  }
+  if (policy && ((*policy == "schedule" && uem) || (*policy == "uem-time" && !uem)))
+    throw py::value_error("policy '" + *policy + "' takes a table with " +
+                          (uem ? "t_bounds and layers" : "t_bounds, min_layers, max_layers and thresholds"));
+  TimeTable t;
+  t.bounds = float_list(*d, "t_bounds", where);
+  if (uem) {
+    t.min_layer = int_list(*d, "min_layers", where);
+    t.max_layer = int_list(*d, "max_layers", where);
+    for (double v : float_list(*d, "thresholds", where)) t.threshold.push_back(float(v));
+  } else {
+    t.min_layer = int_list(*d, "layers", where);
+    t.max_layer = t.min_layer;
+  }
+  return t;
+}
+
+py::object table_dict(const TimeTable& t, bool uem) {
+  if (t.empty()) return py::none();
+  py::dict d;
+  d["t_bounds"] = t.bounds;
+  if (uem) {
+    d["min_layers"] = t.min_layer;
+    d["max_layers"] = t.max_layer;
+    d["thresholds"] = t.threshold;
+  } else {
+    d["layers"] = t.min_layer;
+  }
+  return std::move(d);
+}
+
+py::dict exit_dict(const ExitDefaults& e) {
+  py::dict d;
+  d["policy"] = e.policy;
+  d["threshold"] = e.threshold;
+  d["patience"] = e.patience;
+  d["granularity"] = e.granularity;
+  d["layer"] = e.layer;
+  d["guidance"] = e.guidance;
+  d["schedule"] = table_dict(e.schedule, false);
+  d["uem_time"] = table_dict(e.uem_time, true);
+  return d;
 }
 
 class PyRuntime {
@@ -91,14 +166,16 @@ class PyRuntime {
     rt_.reset();
   }
 
-  py::tuple denoise(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj, const std::string& policy,
-                    std::optional<double> threshold, int patience, const std::string& granularity, int static_layer) {
+  py::tuple denoise(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj,
+                    std::optional<std::string> policy, std::optional<double> threshold, std::optional<int> patience,
+                    std::optional<std::string> granularity, std::optional<int> static_layer,
+                    std::optional<py::dict> table) {
     const ModelDesc& c = rt_->manifest().model;
     const Inputs in = inputs(x_obj, t_obj, y_obj);
     const int b = in.batch;
     const F32 &x = in.x, &t = in.t;
     const std::optional<I64>& y = in.y;
-    DenoiseOptions o{policy, threshold, patience, granularity, static_layer};
+    DenoiseOptions o{policy, threshold, patience, granularity, static_layer, time_table(table, policy)};
     F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
     I64 layer(std::vector<py::ssize_t>{py::ssize_t(b)});
     F32 u({py::ssize_t(b), py::ssize_t(c.depth)});
@@ -116,9 +193,10 @@ class PyRuntime {
   }
 
   py::tuple sample(const py::object& noise_obj, const py::object& y_obj, const std::string& sampler,
-                   std::optional<int> steps, std::optional<double> guidance, const std::string& policy,
-                   std::optional<double> threshold, int patience, const std::string& granularity, int static_layer,
-                   double eta, uint64_t seed) {
+                   std::optional<int> steps, std::optional<double> guidance, std::optional<std::string> policy,
+                   std::optional<double> threshold, std::optional<int> patience,
+                   std::optional<std::string> granularity, std::optional<int> static_layer,
+                   std::optional<py::dict> table, double eta, uint64_t seed) {
     const ModelDesc& c = rt_->manifest().model;
     F32 noise = typed<float>(noise_obj, "noise", "float32");
     check_image("noise", noise);
@@ -131,7 +209,7 @@ class PyRuntime {
     o.guidance = guidance;
     o.eta = eta;
     o.seed = seed;
-    o.exit = DenoiseOptions{policy, threshold, patience, granularity, static_layer};
+    o.exit = DenoiseOptions{policy, threshold, patience, granularity, static_layer, time_table(table, policy)};
     F32 images({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
     std::vector<int64_t> layers;
     int n_steps = 0, be = 0;
@@ -265,21 +343,27 @@ Every file is checked against its sha256 in manifest.json before use.
            py::arg("device_id") = 0, py::arg("fuse_static") = true,
            py::arg("fuse_exit") = true)
       .def("denoise", &PyRuntime::denoise, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
-           py::arg("policy") = "uem", py::arg("threshold") = py::none(), py::arg("patience") = 1,
-           py::arg("granularity") = "sample", py::arg("static_layer") = 0,
+           py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
+           py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
            R"doc(One early-exit denoiser call: x float32 [B,C,H,W], t float32 [B] (continuous time), y int64 [B].
 
 Returns (eps float32 [B,C,H,W], exit_layer int64 [B] (1-based), u float32 [B,N] with NaN where not
-computed). policy "uem" | "static" | "saturation"; threshold None = the manifest's default;
-granularity "sample" (exited samples leave the batch) or "batch" (one decision for the batch).)doc")
+computed). policy "uem" (the paper's rule: exit when u < threshold) | "uem-time" (thresholds and a
+layer range by time) | "schedule" (an exit layer by time) | "static" (static_layer) | "saturation";
+granularity "sample" (exited samples leave the batch) or "batch" (one decision for the batch);
+table: a schedule {t_bounds, layers} or uem-time table {t_bounds, min_layers, max_layers,
+thresholds} as in the manifest. Every argument left None takes the manifest's exit defaults
+(Runtime.default_exit).)doc")
       .def("sample", &PyRuntime::sample, py::arg("noise"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("sampler") = "dpm++", py::arg("steps") = py::none(), py::arg("guidance") = py::none(),
-           py::arg("policy") = "uem", py::arg("threshold") = py::none(), py::arg("patience") = 1,
-           py::arg("granularity") = "sample", py::arg("static_layer") = 0, py::arg("eta") = 0.0, py::arg("seed") = 0,
-           R"doc(The whole sampling loop in C++ (mirrors adadiff_export.samplers).
+           py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
+           py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
+           py::arg("eta") = 0.0, py::arg("seed") = 0,
+           R"doc(The whole sampling loop in C++ (mirrors adadiff_export.sampling.samplers).
 
 sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
-default (classifier-free guidance, one batched call: cond half first, then the null class).
+default (classifier-free guidance, one batched call: cond half first, then the null class);
+the exit arguments as for denoise (None: the manifest's defaults).
 Returns (images float32 [B,C,H,W] in [-1, 1], layers_used int64 [steps, B_eff]), B_eff = 2B
 under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's own RNG (seed).)doc")
       .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(),
@@ -291,6 +375,10 @@ under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's
       .def_property_readonly("model", [](const PyRuntime& r) { return model_dict(r.manifest()); })
       .def_property_readonly("default_threshold", [](const PyRuntime& r) { return r.manifest().exit.threshold; })
       .def_property_readonly("default_guidance", [](const PyRuntime& r) { return r.manifest().exit.guidance; })
+      .def_property_readonly("default_policy", [](const PyRuntime& r) { return r.manifest().exit.policy; })
+      .def_property_readonly("default_exit", [](const PyRuntime& r) { return exit_dict(r.manifest().exit); },
+                             "The manifest's exit defaults: policy, threshold, patience, granularity, layer, "
+                             "guidance, schedule and uem_time (None when the folder has none).")
       .def_property_readonly("engine_calls", &PyRuntime::engine_calls,
                              "Engine executions made by the last denoise, sample or full call: one per segment "
                              "run when the segments are chained, one per forward for a fused static or exit graph.");

@@ -5,6 +5,7 @@
 // loop with its tests inside the graph (exit_graph).
 #include "openvino_engine.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -17,6 +18,7 @@
 #include <openvino/op/add.hpp>
 #include <openvino/op/concat.hpp>
 #include <openvino/op/constant.hpp>
+#include <openvino/op/gather.hpp>
 #include <openvino/op/greater_eq.hpp>
 #include <openvino/op/if.hpp>
 #include <openvino/op/less.hpp>
@@ -93,7 +95,7 @@ constexpr uint32_t kPromoteAfter = 3;
 // Each variant costs a compile (about 50-400 ms here, cached on disk with cache_dir) and memory.
 constexpr size_t kMaxStatic = 4;
 // One compiled uem exit graph (exit_graph) and the tensors run_exit reaches past the manifest's
-// bindings: the threshold input and the raw u output, which stay in the request's own memory.
+// bindings: the per-layer thresholds input and the raw u output, which stay in the request's own memory.
 struct ExitGraph {
   Segment graph;  // one static-batch variant, in `fixed`
   ov::Tensor thr, u;
@@ -288,7 +290,7 @@ class OpenVinoEngine final : public Engine {
     return out;
   }
 
-  bool run_exit(const ExitGraphSpec& spec, int batch, void* const* in, float threshold, void* eps, void* u,
+  bool run_exit(const ExitGraphSpec& spec, int batch, void* const* in, const float* thresholds, void* eps, void* u,
                 void* exit_layer) override {
     if (!o_.fuse_exit || (spec.per_row && batch > kExitGraphRows)) return false;
     const auto key = std::make_tuple(spec.per_row, spec.patience, batch);
@@ -298,7 +300,7 @@ class OpenVinoEngine final : public Engine {
       it = exit_graphs_.emplace(key, exit_graph(spec, batch)).first;
     }
     ExitGraph& g = it->second;
-    *g.thr.data<float>() = threshold;
+    std::copy_n(thresholds, g.thr.get_size(), g.thr.data<float>());
     void* out[1] = {eps};
     infer(g.graph, batch, in, out);
     const float* ran_u = g.u.data<float>();
@@ -329,7 +331,8 @@ class OpenVinoEngine final : public Engine {
   // skipped layer is below any threshold, which keeps an exit sticky without a flag carried
   // through the Ifs. Rows that exit while others run are frozen by a Select.
   // Outputs eps and u with -inf where a row did not run a layer (run_exit turns that into the
-  // exit layer and NaN), laid out layer by layer (see layer_major).
+  // exit layer and NaN), laid out layer by layer (see layer_major). The thresholds are an input,
+  // one per layer (and per row for per-row exit), so one compile serves every threshold and time table.
   ExitGraph exit_graph(const ExitGraphSpec& spec, int batch) {
     const int n_layers = m_.model.depth;
     const size_t B = size_t(batch);
@@ -340,7 +343,8 @@ class OpenVinoEngine final : public Engine {
     try {
       std::shared_ptr<ov::Model> stem = segs_[0].source->clone();
       const Value temb = produced(*stem, "temb");
-      auto thr = std::make_shared<ov::op::v0::Parameter>(ov::element::f32, ov::Shape{});
+      const ov::Shape thr_shape = spec.per_row ? ov::Shape{size_t(n_layers - 1), B} : ov::Shape{size_t(n_layers - 1)};
+      auto thr = std::make_shared<ov::op::v0::Parameter>(ov::element::f32, thr_shape);
       const Value skipped = constant({B}, -INFINITY);
       Value h = produced(*stem, "h"), all_done, rows_done, count;
       if (spec.patience > 1) count = constant(spec.per_row ? ov::Shape{B} : ov::Shape{}, 0.0f);
@@ -370,7 +374,9 @@ class OpenVinoEngine final : public Engine {
         if (i == n_layers) break;
         Value score = u;
         if (!spec.per_row && B > 1) score = std::make_shared<ov::op::v1::ReduceMean>(u, axes({0}), true);
-        Value exits = std::make_shared<ov::op::v1::Less>(score, thr);
+        const Value thr_i = std::make_shared<ov::op::v8::Gather>(
+            thr, ov::op::v0::Constant::create(ov::element::i64, {}, {int64_t(i - 1)}), axes({0}));
+        Value exits = std::make_shared<ov::op::v1::Less>(score, thr_i);
         if (spec.patience > 1) {
           const Value counted = std::make_shared<ov::op::v1::Add>(count, constant({}, 1.0f));
           count = std::make_shared<ov::op::v1::Select>(exits, counted, constant({}, 0.0f));

@@ -73,6 +73,12 @@ Runtime::Runtime(Manifest manifest, std::unique_ptr<Ops> ops, std::unique_ptr<En
   u_all_ = Buffer(o, cap_ * n_layers_ * f);
   exit_layer_ = Buffer(o, cap_ * i64);
   static_layers_.assign(size_t(cap_), 0);
+  t_rows_.assign(size_t(cap_), 0.0f);
+  graph_thr_.assign(size_t(cap_) * size_t(n_layers_), 0.0f);
+  tb_bounds_ = Buffer(o, kMaxTableBins * sizeof(double));
+  tb_min_ = Buffer(o, kMaxTableBins * sizeof(int));
+  tb_max_ = Buffer(o, kMaxTableBins * sizeof(int));
+  tb_thr_ = Buffer(o, kMaxTableBins * sizeof(float));
   for (auto& b : temb_) b = Buffer(o, cap_ * dim_ * f);
   for (auto& b : active_) b = Buffer(o, cap_ * i32);
   for (auto& b : count_) b = Buffer(o, cap_ * i32);
@@ -109,30 +115,61 @@ void Runtime::run(int seg, int n, void* const* in, void* const* out) {
   engine_->run(seg, n, in, out);
 }
 
-Runtime::Resolved Runtime::resolve(const DenoiseOptions& o) const {
+Runtime::Resolved Runtime::resolve(const DenoiseOptions& o) {
+  const ExitDefaults& d = m_.exit;
   Resolved r;
   ExitParams& p = r.p;
-  if (o.policy == "uem") p.policy = Policy::Uem;
-  else if (o.policy == "static") p.policy = Policy::Static;
-  else if (o.policy == "saturation") p.policy = Policy::Saturation;
-  else invalid("policy must be one of 'uem', 'static', 'saturation', got '" + o.policy + "'");
-  if (o.granularity == "sample") p.granularity = Granularity::Sample;
-  else if (o.granularity == "batch") p.granularity = Granularity::Batch;
-  else invalid("granularity must be 'sample' or 'batch', got '" + o.granularity + "'");
-  const double thr = o.threshold ? *o.threshold : m_.exit.threshold;
+  r.policy = o.policy.value_or(d.policy);
+  const std::string& pol = r.policy;
+  if (pol == "uem" || pol == "uem-time") p.policy = Policy::Uem;
+  else if (pol == "static") p.policy = Policy::Static;
+  else if (pol == "saturation") p.policy = Policy::Saturation;
+  else if (pol == "schedule") p.policy = Policy::Schedule;
+  else invalid("policy must be one of 'uem', 'uem-time', 'schedule', 'static', 'saturation', got '" + pol + "'");
+  const std::string gran = o.granularity.value_or(d.granularity);
+  if (gran == "sample") p.granularity = Granularity::Sample;
+  else if (gran == "batch") p.granularity = Granularity::Batch;
+  else invalid("granularity must be 'sample' or 'batch', got '" + gran + "'");
+  const double thr = o.threshold.value_or(d.threshold);
   // As the oracle: u is a probability, so uem thresholds live in [0, 1]; a relative change may exceed 1.
-  if (p.policy == Policy::Uem && !(thr >= 0.0 && thr <= 1.0))
-    invalid("threshold must be in [0, 1], got " + std::to_string(thr));
+  if (pol == "uem" && !(thr >= 0.0 && thr <= 1.0)) invalid("threshold must be in [0, 1], got " + std::to_string(thr));
   if (!(thr >= 0.0) || !std::isfinite(thr)) invalid("threshold must be a finite number >= 0, got " + std::to_string(thr));
   p.threshold = float(thr);
-  if (o.patience < 1) invalid("patience must be >= 1, got " + std::to_string(o.patience));
-  p.patience = o.patience;
-  if (o.static_layer < 0 || o.static_layer > n_layers_)
+  p.patience = o.patience.value_or(d.patience);
+  if (p.patience < 1) invalid("patience must be >= 1, got " + std::to_string(p.patience));
+  const int layer = o.static_layer.value_or(d.layer);
+  if (layer < 0 || layer > n_layers_)
     invalid("static_layer must be in 0.." + std::to_string(n_layers_) + " (0 = full depth), got " +
-            std::to_string(o.static_layer));
-  p.static_layer = o.static_layer > 0 ? o.static_layer : n_layers_;
+            std::to_string(layer));
+  p.static_layer = layer > 0 ? layer : n_layers_;
   p.n_layers = n_layers_;
+  if (o.table && pol != "schedule" && pol != "uem-time")
+    invalid("a time table is used by policy 'schedule' or 'uem-time', not '" + pol + "'");
+  if (pol == "schedule" || pol == "uem-time") {
+    const bool uem = pol == "uem-time";
+    if (uem && p.granularity == Granularity::Batch)
+      invalid("policy 'uem-time' decides per sample; granularity 'batch' is the paper's rule (policy 'uem')");
+    const TimeTable& stored = uem ? d.uem_time : d.schedule;
+    if (!o.table && stored.empty())
+      invalid("policy '" + pol + "' needs a time table: none was given and the engines folder's manifest has no exit." +
+              (uem ? "uem_time" : "schedule") + " (calibrate the folder: python -m adadiff_export calibrate ENGINES)");
+    table_ = o.table ? *o.table : stored;
+    if (o.table) check_time_table(table_, n_layers_, uem, uem ? "uem-time table" : "schedule");
+    r.table = &table_;
+  }
   return r;
+}
+
+void Runtime::bind_table(Resolved& r) {
+  if (!r.table) return;
+  const TimeTable& t = *r.table;
+  const int k = t.bins();
+  if (!t.bounds.empty()) ops_->upload(tb_bounds_.as(), t.bounds.data(), t.bounds.size() * sizeof(double));
+  ops_->upload(tb_min_.as(), t.min_layer.data(), size_t(k) * sizeof(int));
+  ops_->upload(tb_max_.as(), t.max_layer.data(), size_t(k) * sizeof(int));
+  if (!t.threshold.empty()) ops_->upload(tb_thr_.as(), t.threshold.data(), size_t(k) * sizeof(float));
+  r.p.table = TimeTableView{tb_bounds_.as<double>(), tb_min_.as<int>(), tb_max_.as<int>(),
+                            t.threshold.empty() ? nullptr : tb_thr_.as<float>(), k};
 }
 
 void Runtime::check_inputs(const char* fn, int batch, const float* x, const float* t, const int64_t* y,
@@ -167,7 +204,46 @@ void Runtime::model_inputs(const SegmentDesc& s, const void* x, void* in[3]) {
   if (m_.model.conditional()) in[s.input_index("y")] = y_in_.as();
 }
 
-void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_t* exit_layer) {
+bool Runtime::run_schedule_fused(int n, void* const* in, const float* t_host, const Resolved& r,
+                                 int64_t* exit_layer) {
+  const int layer = r.table->min_layer[size_t(r.table->bin(t_host[0]))];
+  for (int j = 1; j < n; ++j)
+    if (r.table->min_layer[size_t(r.table->bin(t_host[j]))] != layer) return false;
+  if (!engine_->run_static(layer, n, in, eps_out_.as())) return false;
+  ++calls_;
+  std::fill_n(static_layers_.begin(), n, int64_t(layer));
+  ops_->upload(exit_layer, static_layers_.data(), size_t(n) * sizeof(int64_t));
+  return true;
+}
+
+bool Runtime::run_exit_graph(int n, void* const* in, const float* t_host, const Resolved& r, int64_t* exit_layer) {
+  const ExitParams& p = r.p;
+  const bool per_row = p.granularity == Granularity::Sample && n > 1;
+  // -1 and 2 stand for "no exit here" and "exit here" (u lies in [0, 1]); a forced exit that way
+  // would need patience 1, so uem-time with more patience takes the chain.
+  if (r.table && p.patience != 1) return false;
+  const int cols = per_row ? n : 1;
+  for (int i = 0; i + 1 < n_layers_; ++i) {
+    for (int j = 0; j < cols; ++j) {
+      float v = p.threshold;
+      if (r.table) {
+        const int k = r.table->bin(t_host[j]);
+        const int here = i + 1;
+        v = here >= r.table->max_layer[size_t(k)]   ? 2.0f
+            : here < r.table->min_layer[size_t(k)] ? -1.0f
+                                                   : r.table->threshold[size_t(k)];
+      }
+      graph_thr_[size_t(i) * size_t(cols) + size_t(j)] = v;
+    }
+  }
+  const ExitGraphSpec spec{per_row, p.patience};
+  if (!engine_->run_exit(spec, n, in, graph_thr_.data(), eps_out_.as(), u_all_.as(), exit_layer)) return false;
+  ++calls_;
+  return true;
+}
+
+void Runtime::run_exit_loop(int n, const void* x, const float* t_host, const Resolved& r, int64_t* exit_layer) {
+  const ExitParams& base = r.p;
   free_.clear();
   for (int i = int(hidden_.size()) - 1; i >= 0; --i) free_.push_back(i);
   saved_.clear();
@@ -182,13 +258,8 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
     ops_->upload(exit_layer, static_layers_.data(), size_t(n) * sizeof(int64_t));
     return;
   }
-  if (base.policy == Policy::Uem) {
-    const ExitGraphSpec spec{base.granularity == Granularity::Sample && n > 1, base.patience};
-    if (engine_->run_exit(spec, n, in, base.threshold, eps_out_.as(), u_all_.as(), exit_layer)) {
-      ++calls_;
-      return;
-    }
-  }
+  if (base.policy == Policy::Schedule && run_schedule_fused(n, in, t_host, r, exit_layer)) return;
+  if (base.policy == Policy::Uem && run_exit_graph(n, in, t_host, r, exit_layer)) return;
   int hcur = take();
   {
     void* out[2] = {nullptr, nullptr};
@@ -229,6 +300,7 @@ void Runtime::run_exit_loop(int n, const void* x, const ExitParams& base, int64_
     ExitParams p = base;
     p.layer = i;
     ExitBuffers b{score,
+                  t_in_.as<float>(),
                   active_[ab].as<int>(),
                   count_[ab].as<int>(),
                   active_[1 - ab].as<int>(),
@@ -293,12 +365,13 @@ void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* 
   std::lock_guard<std::mutex> lock(mu_);
   ops_->activate();
   calls_ = 0;
-  const Resolved r = resolve(o);
+  Resolved r = resolve(o);
   check_inputs("denoise", batch, x, t, y, std::min(m_.max_batch, cap_));
+  bind_table(r);
   ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
   ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
   if (y) ops_->upload(y_in_.as(), y, size_t(batch) * sizeof(int64_t));
-  run_exit_loop(batch, x_in_.as(), r.p, exit_layer_.as<int64_t>());
+  run_exit_loop(batch, x_in_.as(), t, r, exit_layer_.as<int64_t>());
   ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
   ops_->download(exit_layer, exit_layer_.as(), size_t(batch) * sizeof(int64_t));
   if (r.p.policy == Policy::Uem) {
@@ -351,9 +424,10 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
   const double w = resolve_guidance(o);
   const bool guided = w != 1.0;
   if (!(o.eta >= 0) || !std::isfinite(o.eta)) invalid("eta must be a finite number >= 0");
-  const Resolved r = resolve(o.exit);
+  Resolved r = resolve(o.exit);
   const int limit = guided ? std::min(m_.max_batch, cap_ / 2) : std::min(m_.max_batch, cap_);
   check_inputs("sample", batch, noise, nullptr, y, limit);
+  bind_table(r);
   const int be = guided ? 2 * batch : batch;
   const int64_t n_img = int64_t(batch) * img_;
 
@@ -373,13 +447,14 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
     const double t = sch.grid(uniform_t, steps, n);
     const double s = sch.grid(uniform_t, steps, n + 1);
     ops_->fill_f32(t_in_.as<float>(), be, float(t));
+    std::fill_n(t_rows_.begin(), be, float(t));
     const void* xin = x;
     if (guided) {
       ops_->copy(x_in_.as(), x, n_img * sizeof(float));
       ops_->copy(x_in_.as<float>() + n_img, x, n_img * sizeof(float));
       xin = x_in_.as();
     }
-    run_exit_loop(be, xin, r.p, history.as<int64_t>() + int64_t(n) * be);
+    run_exit_loop(be, xin, t_rows_.data(), r, history.as<int64_t>() + int64_t(n) * be);
     const float* eps = eps_out_.as<float>();
     if (guided) {
       ops_->cfg_combine(eps_cfg_.as<float>(), eps, n_img, float(w));

@@ -14,12 +14,14 @@
 
 namespace adadiff {
 
+// Every field left empty takes the manifest's exit defaults (docs/MANIFEST.md, `exit`).
 struct DenoiseOptions {
-  std::string policy = "uem";
-  std::optional<double> threshold;  // none: the manifest's default
-  int patience = 1;
-  std::string granularity = "sample";
-  int static_layer = 0;
+  std::optional<std::string> policy;  // uem | uem-time | schedule | static | saturation
+  std::optional<double> threshold;
+  std::optional<int> patience;
+  std::optional<std::string> granularity;
+  std::optional<int> static_layer;
+  std::optional<TimeTable> table;  // schedule / uem-time: none = the manifest's exit.schedule / exit.uem_time
 };
 
 struct SampleOptions {
@@ -61,13 +63,23 @@ class Runtime {
 
  private:
   struct Resolved {
-    ExitParams p;
+    ExitParams p;             // p.table points into the runtime's table buffers once bound
+    const TimeTable* table = nullptr;  // host copy: schedule / uem-time
+    std::string policy;
   };
-  Resolved resolve(const DenoiseOptions& o) const;
+  // Checks the options against the manifest; the table (when any) is copied to table_.
+  Resolved resolve(const DenoiseOptions& o);
+  // Uploads table_ to the table buffers and points r.p.table at them.
+  void bind_table(Resolved& r);
   void check_inputs(const char* fn, int batch, const float* x, const float* t, const int64_t* y, int limit) const;
   // The exit loop: x/t/y in runtime buffers (n rows); eps into eps_out_, layers into exit_layer
   // (runtime memory, n entries), u into u_all_.
-  void run_exit_loop(int n, const void* x, const ExitParams& p, int64_t* exit_layer);
+  // t_host: each row's time on the host, which picks the fused paths of the time-table policies.
+  void run_exit_loop(int n, const void* x, const float* t_host, const Resolved& r, int64_t* exit_layer);
+  // The table policies' fused forms: one static layer for every row, or per-layer thresholds for
+  // the exit graph. Return false when the engine declines or rows differ (the chain then runs).
+  bool run_schedule_fused(int n, void* const* in, const float* t_host, const Resolved& r, int64_t* exit_layer);
+  bool run_exit_graph(int n, void* const* in, const float* t_host, const Resolved& r, int64_t* exit_layer);
   // The model's inputs (x, t_in_, y_in_ when conditional) in `s`'s input order: stem and full share them.
   void model_inputs(const SegmentDesc& s, const void* x, void* in[3]);
   int take();
@@ -87,6 +99,10 @@ class Runtime {
   Buffer x_in_, t_in_, y_in_, u_, score_, eps_head_, eps_out_, u_all_, exit_layer_;
   Buffer temb_[2];
   std::vector<int64_t> static_layers_;  // host: the exit layers a fused static run reports
+  std::vector<float> t_rows_;           // host: one step's time for every row (sample)
+  std::vector<float> graph_thr_;        // host: the exit graph's per-layer (per-row) thresholds
+  TimeTable table_;                     // host: the table of the current call
+  Buffer tb_bounds_, tb_min_, tb_max_, tb_thr_;  // the same, where decide_exits reads it
   Buffer active_[2], count_[2], exit_idx_, exit_dest_, keep_idx_, exit_count_;
   Buffer x_state_, x0_prev_, eps_cfg_, u_map_;
   std::vector<Buffer> hidden_;

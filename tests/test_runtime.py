@@ -323,8 +323,8 @@ def test_tampered_file_is_named(folder_copy):
 
 
 def test_manifest_of_another_version(folder_copy):
-    _edit_manifest(folder_copy, lambda d: d.update(version=2))
-    with pytest.raises(RuntimeError, match=r"version 2.*reads version 1"):
+    _edit_manifest(folder_copy, lambda d: d.update(version=3))
+    with pytest.raises(RuntimeError, match=r"version 3.*reads 1\.\.2.*update adadiff_rt"):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
