@@ -42,21 +42,14 @@ py::array_t<T, py::array::c_style> typed(const py::handle& obj, const char* name
   return py::array_t<T, py::array::c_style>::ensure(a);
 }
 
-std::vector<double> float_list(const py::dict& d, const char* key, const std::string& where) {
+// A list entry of a table dict, typed: a missing key or a wrong element type names the key.
+template <class T>
+std::vector<T> list_of(const py::dict& d, const char* key, const std::string& where, const char* what) {
   if (!d.contains(key)) throw py::value_error(where + " needs '" + key + "'");
   try {
-    return d[key].cast<std::vector<double>>();
+    return d[key].cast<std::vector<T>>();
   } catch (const py::cast_error&) {
-    throw py::type_error(where + "['" + key + "'] must be a list of numbers");
-  }
-}
-
-std::vector<int> int_list(const py::dict& d, const char* key, const std::string& where) {
-  if (!d.contains(key)) throw py::value_error(where + " needs '" + key + "'");
-  try {
-    return d[key].cast<std::vector<int>>();
-  } catch (const py::cast_error&) {
-    throw py::type_error(where + "['" + key + "'] must be a list of integers");
+    throw py::type_error(where + "['" + key + "'] must be a list of " + what);
   }
 }
 
@@ -77,13 +70,13 @@ std::optional<TimeTable> time_table(const std::optional<py::dict>& d, const std:
     throw py::value_error("policy '" + *policy + "' takes a table with " +
                           (uem ? "t_bounds and layers" : "t_bounds, min_layers, max_layers and thresholds"));
   TimeTable t;
-  t.bounds = float_list(*d, "t_bounds", where);
+  t.bounds = list_of<double>(*d, "t_bounds", where, "numbers");
   if (uem) {
-    t.min_layer = int_list(*d, "min_layers", where);
-    t.max_layer = int_list(*d, "max_layers", where);
-    for (double v : float_list(*d, "thresholds", where)) t.threshold.push_back(float(v));
+    t.min_layer = list_of<int>(*d, "min_layers", where, "integers");
+    t.max_layer = list_of<int>(*d, "max_layers", where, "integers");
+    for (double v : list_of<double>(*d, "thresholds", where, "numbers")) t.threshold.push_back(float(v));
   } else {
-    t.min_layer = int_list(*d, "layers", where);
+    t.min_layer = list_of<int>(*d, "layers", where, "integers");
     t.max_layer = t.min_layer;
   }
   return t;
@@ -196,7 +189,7 @@ class PyRuntime {
                    std::optional<int> steps, std::optional<double> guidance, std::optional<std::string> policy,
                    std::optional<double> threshold, std::optional<int> patience,
                    std::optional<std::string> granularity, std::optional<int> static_layer,
-                   std::optional<py::dict> table, double eta, uint64_t seed) {
+                   std::optional<py::dict> table, double eta, uint64_t seed, bool final_x0) {
     const ModelDesc& c = rt_->manifest().model;
     F32 noise = typed<float>(noise_obj, "noise", "float32");
     check_image("noise", noise);
@@ -209,6 +202,7 @@ class PyRuntime {
     o.guidance = guidance;
     o.eta = eta;
     o.seed = seed;
+    o.final_x0 = final_x0;
     o.exit = DenoiseOptions{policy, threshold, patience, granularity, static_layer, time_table(table, policy)};
     F32 images({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
     std::vector<int64_t> layers;
@@ -358,12 +352,13 @@ thresholds} as in the manifest. Every argument left None takes the manifest's ex
            py::arg("sampler") = "dpm++", py::arg("steps") = py::none(), py::arg("guidance") = py::none(),
            py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
-           py::arg("eta") = 0.0, py::arg("seed") = 0,
+           py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = false,
            R"doc(The whole sampling loop in C++ (mirrors adadiff_export.sampling.samplers).
 
 sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
 default (classifier-free guidance, one batched call: cond half first, then the null class);
-the exit arguments as for denoise (None: the manifest's defaults).
+the exit arguments as for denoise (None: the manifest's defaults); final_x0: the last step returns
+its x0 prediction instead of stepping to t_eps.
 Returns (images float32 [B,C,H,W] in [-1, 1], layers_used int64 [steps, B_eff]), B_eff = 2B
 under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's own RNG (seed).)doc")
       .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(),

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export.export.manifest import ExitDefaults, Manifest, Segment, write
+from adadiff_export.export.manifest import Manifest, Segment, write
 from adadiff_export.export.segments import segment_module, segment_specs
 from adadiff_export.model import checkpoint as ckpt
 from adadiff_export.model.schedule import VPSchedule
 from adadiff_export.model.uvit import UViT
 from adadiff_export.sampling.early_exit import ExitPolicy, early_exit
+from adadiff_export.sampling.exit_settings import ExitDefaults, TimeTable
 
 EXPORTER_SOURCES = ("model/uvit.py", "export/segments.py", "export/onnx_export.py", "export/manifest.py")  # what shapes the files
 THRESHOLD = 0.5
@@ -139,9 +140,11 @@ def maybe(x: Optional[np.ndarray]) -> Optional[torch.Tensor]:
 # ----- the oracle and parity checks shared by the runtime tests -----
 
 def oracle(model, x, t, y, **kw):
+    table = kw.get("table")
     policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
                         patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
-                        granularity=kw.get("granularity", "sample"))
+                        granularity=kw.get("granularity", "sample"),
+                        table=TimeTable.from_dict(table) if table is not None else None)
     r = early_exit(model, torch.from_numpy(x), torch.from_numpy(t), maybe(y), policy)
     return r.eps.numpy(), r.exit_layer.numpy(), r.u.numpy()
 
@@ -161,3 +164,33 @@ def mixed_threshold(model, x, t, y, granularity="sample", patience=1):
     _, _, u_all = oracle(model, x, t, y, threshold=0.0)
     return split_threshold(u_all, lambda thr: oracle(model, x, t, y, threshold=thr, granularity=granularity,
                                                      patience=patience)[1])
+
+
+# ----- fixtures shared by the OpenVINO runtime tests (import them into a test module by name) -----
+
+MAX_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny model whose uncertainties spread across samples (exits differ per row)."""
+    from conftest import tiny_model
+
+    return tiny_model(uem_gain=20.0)
+
+
+@pytest.fixture(scope="module")
+def engines(request, model) -> Path:
+    """A real build of `model` (cached in pytest's cache across runs)."""
+    return onnx_engines(request.config.cache.mkdir("adadiff_rt_engines"), model, MAX_BATCH)
+
+
+@pytest.fixture(scope="module")
+def rt(engines):
+    return import_runtime(need_openvino=True).Runtime(str(engines), threads=1)
+
+
+@pytest.fixture(scope="module")
+def rt_chained(engines):
+    """Every policy through the chain of segments: no fused static graph, no exit graph."""
+    return import_runtime(need_openvino=True).Runtime(str(engines), threads=1, fuse_static=False, fuse_exit=False)

@@ -141,8 +141,9 @@ def test_evaluate_json_and_sweep(tiny_checkpoint: Path, tmp_path: Path, capsys):
     # static at full depth is full depth: the same images, so the same quality
     assert _last_json(out)["static"][1]["fd"] == pytest.approx(_last_json(out)["full"]["fd"], rel=1e-6)
     rec = _last_json(out)
-    assert set(rec["full"]) == {"accuracy", "fd", "mean_layers"}
-    assert set(rec["exit"]) == {"threshold", "accuracy", "fd", "mean_layers"}
+    assert rec["full"]["name"] == "full" and rec["full"]["layer"] == 0
+    assert set(rec["exit"]) == {"name", "policy", "threshold", "accuracy", "fd", "mean_layers"}
+    assert rec["exit"]["policy"] == "uem" and rec["exit"]["name"] == "uem 0.5"
     assert rec["full"]["mean_layers"] == 5.0 and rec["exit"]["threshold"] == 0.5
     assert [p["threshold"] for p in rec["sweep"]] == [0.3, 0.5, 1.0]
     assert rec["sweep"][-1]["mean_layers"] == 1.0

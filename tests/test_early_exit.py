@@ -1,13 +1,14 @@
 """The reference early exit against an independent per-layer computation of the rule."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import pytest
 import torch
 
 from adadiff_export.model.schedule import VPSchedule
 from adadiff_export.sampling.early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.sampling.exit_settings import TimeTable, step_bounds
 from adadiff_export.sampling.samplers import guided, sample
 
 from conftest import tiny_model
@@ -147,3 +148,67 @@ def test_denoiser_records_layers_under_guidance(spread):
     assert den.mean_layers() == pytest.approx(float(lbs.float().mean()))
     assert 1 <= int(lbs.min()) and int(lbs.max()) <= model.depth
     assert den.with_policy(FULL_DEPTH).history == []
+
+
+def _bins_of(t: torch.Tensor, bounds) -> List[int]:
+    return [sum(1 for b in bounds if float(v) < b) for v in t]
+
+
+def test_schedule_exits_each_sample_at_its_bins_layer(spread):
+    model, x, t, y, eps, _ = spread
+    bounds, layers = (0.6, 0.3), (1, 3, 4)
+    r = early_exit(model, x, t, y, ExitPolicy("schedule", table=TimeTable.schedule(bounds, layers)))
+    expect = [layers[k] for k in _bins_of(t, bounds)]
+    assert r.exit_layer.tolist() == expect and len(set(expect)) >= 2
+    for j in range(B):
+        torch.testing.assert_close(r.eps[j], eps[expect[j] - 1][j], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(r.u).all()  # a schedule computes no uncertainty
+
+
+def test_uem_time_follows_each_bins_range_and_threshold(spread):
+    model, x, t, y, eps, u = spread
+    bounds, lows, highs = (0.5,), (2, 1), (4, 3)
+    taus = (float(torch.quantile(u[:, 1:3].flatten(), 0.5)), float(torch.quantile(u[:, 0:2].flatten(), 0.5)))
+    table = TimeTable(bounds, lows, highs, taus)
+    r = early_exit(model, x, t, y, ExitPolicy("uem-time", table=table))
+    expect = []
+    for j, k in enumerate(_bins_of(t, bounds)):
+        below = [lows[k] <= i + 1 and float(u[j, i]) < taus[k] for i in range(model.depth)]
+        expect.append(min(_first_exit(below, 1), highs[k]))
+    assert r.exit_layer.tolist() == expect
+    for j in range(B):
+        torch.testing.assert_close(r.eps[j], eps[expect[j] - 1][j], atol=1e-5, rtol=1e-5)
+
+
+def test_a_one_bin_uem_time_table_is_the_paper_rule(spread):
+    """min layer 1, max layer N, one threshold: uem-time is exactly the paper's uem."""
+    model, x, t, y, _, u = spread
+    thr = _threshold_with_mixed_exits(u)
+    a = early_exit(model, x, t, y, ExitPolicy("uem", threshold=thr))
+    b = early_exit(model, x, t, y, ExitPolicy("uem-time", table=TimeTable((), (1,), (model.depth,), (thr,))))
+    assert a.exit_layer.tolist() == b.exit_layer.tolist()
+    torch.testing.assert_close(a.eps, b.eps)
+
+
+def test_table_policy_validation():
+    sched = TimeTable.schedule((0.5,), (1, 2))
+    uemt = TimeTable((0.5,), (1, 1), (2, 3), (0.1, 0.2))
+    for bad in (dict(kind="schedule"), dict(kind="uem-time"), dict(kind="schedule", table=uemt),
+                dict(kind="uem-time", table=sched), dict(kind="uem", table=sched),
+                dict(kind="uem-time", table=uemt, granularity="batch")):
+        with pytest.raises(ValueError):
+            ExitPolicy(**bad)
+    with pytest.raises(ValueError, match="1 <= min <= max <= 5"):
+        early_exit(tiny_model(), torch.zeros(1, 1, 8, 8), torch.ones(1) * 0.5, torch.zeros(1, dtype=torch.int64),
+                   ExitPolicy("schedule", table=TimeTable.schedule((0.5,), (1, 9))))
+
+
+def test_time_table_round_trip_and_bins():
+    t = TimeTable((0.7, 0.2), (1, 2, 3), (2, 4, 5), (0.1, 0.2, 0.3))
+    assert TimeTable.from_dict(t.to_dict()) == t
+    s = TimeTable.schedule((0.5,), (2, 4))
+    assert s.to_dict() == {"t_bounds": [0.5], "layers": [2, 4]} and TimeTable.from_dict(s.to_dict()) == s
+    assert [t.bin_of(v) for v in (1.0, 0.7, 0.69, 0.2, 0.1)] == [0, 0, 1, 1, 2]
+    assert step_bounds([1.0, 0.8, 0.6, 0.4], 2) == (0.7,)
+    with pytest.raises(ValueError, match="malformed"):
+        TimeTable.from_dict({"layers": [1]})

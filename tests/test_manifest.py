@@ -11,6 +11,7 @@ from adadiff_export.export import manifest as mf
 from adadiff_export.export.segments import segment_specs
 from adadiff_export.model.config import preset
 from adadiff_export.model.uvit import UViT
+from adadiff_export.sampling.exit_settings import ExitDefaults, TimeTable
 
 
 def _folder(tmp_path: Path, depth_preset: str = "tiny") -> Path:
@@ -26,8 +27,11 @@ def _folder(tmp_path: Path, depth_preset: str = "tiny") -> Path:
                            "num_extra_tokens": c.num_extra_tokens},
                     schedule={"type": "vp_linear", "beta_min": 0.1, "beta_max": 20.0, "t_eps": 0.001},
                     max_batch=8, segments=segments, source={"checkpoint": "x.pt", "sha256": "0" * 64},
-                    exit=mf.ExitDefaults(threshold=0.25, guidance=1.5),
-                    calibration=[mf.CalibrationPoint(0.1, 4.5, 1e-3, None), mf.CalibrationPoint(0.2, 3.0, 2e-3, 7.5)])
+                    exit=ExitDefaults(policy="schedule", threshold=0.25, guidance=1.5,
+                                      schedule=TimeTable.schedule([0.5], [2, 4]),
+                                      uem_time=TimeTable((0.5,), (1, 2), (3, 5), (0.2, 0.3))),
+                    calibration=[mf.CalibrationPoint("schedule", 3.0, 3.0, 1e-3),
+                                 mf.CalibrationPoint("uem", 3.0, 3.1, 2e-3, threshold=0.2)])
     mf.write(m, tmp_path)
     return tmp_path
 
@@ -48,8 +52,11 @@ def test_round_trip(tmp_path):
     folder = _folder(tmp_path)
     m = mf.load(folder)
     assert [s.name for s in m.segments] == ["stem", "layer_1", "layer_2", "layer_3", "layer_4", "layer_5", "head", "full"]
-    assert m.exit.threshold == 0.25 and m.exit.guidance == 1.5
-    assert m.calibration[1] == mf.CalibrationPoint(0.2, 3.0, 2e-3, 7.5)
+    assert m.version == mf.VERSION == 2
+    assert m.exit.threshold == 0.25 and m.exit.guidance == 1.5 and m.exit.policy == "schedule"
+    assert m.exit.schedule == TimeTable.schedule([0.5], [2, 4])
+    assert m.exit.uem_time.thresholds == (0.2, 0.3) and m.exit.uem_time.max_layers == (3, 5)
+    assert m.calibration[1] == mf.CalibrationPoint("uem", 3.0, 3.1, 2e-3, threshold=0.2)
     assert m.segment("stem").inputs[0] == mf.TensorSpec("x", "float32", ("B", 1, 8, 8))
     again = tmp_path / "again"
     again.mkdir()
@@ -86,10 +93,10 @@ def test_refuses_plan_outside_the_folder(tmp_path):
 
 def test_refuses_other_versions_and_formats(tmp_path):
     folder = _folder(tmp_path)
-    _edit(folder, lambda d: d.update(version=2))
-    with pytest.raises(mf.ManifestError, match="version 2"):
+    _edit(folder, lambda d: d.update(version=3))
+    with pytest.raises(mf.ManifestError, match="version 3"):
         mf.load(folder)
-    _edit(folder, lambda d: d.update(version=1, format="something-else"))
+    _edit(folder, lambda d: d.update(version=2, format="something-else"))
     with pytest.raises(mf.ManifestError, match="format"):
         mf.load(folder)
 
@@ -131,3 +138,39 @@ def test_refuses_wrong_wiring_order_and_tensor_names(tmp_path):
     _edit(folder4, lambda d: d["segments"][0]["inputs"][0].update(shape=["B", 1, "H", 8]))
     with pytest.raises(mf.ManifestError, match="stem: tensor x has shape"):
         mf.load(folder4)
+
+
+def test_version_1_manifest_loads_with_its_old_calibration(tmp_path):
+    """A folder from before the time tables: version 1, no exit.layer/schedule/uem_time, a threshold sweep."""
+    folder = _folder(tmp_path)
+
+    def to_v1(d):
+        d["version"] = 1
+        d["exit"] = {"policy": "uem", "threshold": 0.3, "patience": 1, "granularity": "sample", "guidance": 2.0}
+        d["calibration"] = [{"threshold": 0.1, "mean_layers": 4.5, "mse": 0.001, "fd": None}]
+    _edit(folder, to_v1)
+    m = mf.load(folder)
+    assert m.version == 1 and m.exit == ExitDefaults(threshold=0.3)
+    assert m.calibration == [mf.CalibrationPoint(threshold=0.1, mean_layers=4.5, mse=0.001)]
+
+
+@pytest.mark.parametrize("version,message", [(3, "update adadiff"), (0, "rebuild the engines")])
+def test_other_versions_are_refused_with_what_to_do(tmp_path, version, message):
+    folder = _folder(tmp_path)
+    _edit(folder, lambda d: d.update(version=version))
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.load(folder)
+
+
+@pytest.mark.parametrize("exit_edit,message", [
+    ({"policy": "uem-time", "uem_time": None}, "uem_time is absent"),
+    ({"schedule": {"t_bounds": [0.5, 0.7], "layers": [1, 2, 3]}}, "strictly decrease"),
+    ({"layer": 9}, "exit.layer must be in 0..5"),
+    ({"uem_time": {"t_bounds": [], "layers": [2]}}, "is not a uem-time table"),
+    ({"bogus": 1}, "unknown keys"),
+])
+def test_bad_exit_sections_are_refused(tmp_path, exit_edit, message):
+    folder = _folder(tmp_path)
+    _edit(folder, lambda d: d["exit"].update(exit_edit))
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.load(folder)

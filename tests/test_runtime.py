@@ -16,35 +16,12 @@ import pytest
 import torch
 
 from adadiff_export.model.schedule import VPSchedule
-from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy
 from adadiff_export.sampling.samplers import guided, sample as py_sample
-from conftest import tiny_model
-from runtime_engines import import_runtime, TOL, assert_parity, inputs, maybe, mixed_threshold, onnx_engines, oracle, rel_err
+from runtime_engines import MAX_BATCH, TOL, assert_parity, import_runtime, inputs, mixed_threshold, oracle, rel_err
+from runtime_engines import engines, model, rt, rt_chained  # noqa: F401 (module fixtures)
 
 adadiff_rt = import_runtime(need_openvino=True)
-
-MAX_BATCH = 16
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(uem_gain=20.0)
-
-
-@pytest.fixture(scope="module")
-def engines(request, model) -> Path:
-    return onnx_engines(request.config.cache.mkdir("adadiff_rt_engines"), model, MAX_BATCH)
-
-
-@pytest.fixture(scope="module")
-def rt(engines):
-    return adadiff_rt.Runtime(str(engines), threads=1)
-
-
-@pytest.fixture(scope="module")
-def rt_chained(engines):
-    """Every policy through the chain of segments: no fused static graph, no exit graph."""
-    return adadiff_rt.Runtime(str(engines), threads=1, fuse_static=False, fuse_exit=False)
 
 
 def exit_graph_runs(batch: int, granularity: str) -> bool:

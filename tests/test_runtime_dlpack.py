@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from adadiff_export.model.schedule import VPSchedule
-from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy, early_exit
+from adadiff_export.sampling.early_exit import EarlyExitDenoiser, ExitPolicy
 from adadiff_export.sampling.samplers import guided, sample as py_sample
 from conftest import tiny_model
 from runtime_engines import import_runtime, inputs, manifest_only, rel_err, split_threshold, torch_segments
+from runtime_engines import oracle as cpu_oracle
 
 adadiff_rt = import_runtime()
 
@@ -44,11 +45,8 @@ def setup(folder, device):
 
 
 def oracle(model, x, t, y, device=None, **kw):
-    policy = ExitPolicy(kind=kw.get("policy", "uem"), threshold=kw.get("threshold", 0.1),
-                        patience=kw.get("patience", 1), layer=kw.get("static_layer", 0),
-                        granularity=kw.get("granularity", "sample"))
-    r = early_exit(model, torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y), policy)
-    return r.eps.numpy(), r.exit_layer.numpy(), r.u.numpy()
+    """The oracle on the CPU whatever the engine's device."""
+    return cpu_oracle(model, x, t, y, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -60,7 +58,12 @@ def test_dlpack_engine_matches_oracle(folder, device, batch, granularity):
     x, t, y = inputs(model, batch, seed=batch)
     _, _, u_all = oracle(model, x, t, y, device, threshold=0.0)
     thr = split_threshold(u_all, lambda th: oracle(model, x, t, y, device, threshold=th, granularity=granularity)[1])
-    for kw in (dict(threshold=thr), dict(policy="static", static_layer=2), dict(threshold=thr, patience=2)):
+    cases = [dict(threshold=thr), dict(policy="static", static_layer=2), dict(threshold=thr, patience=2)]
+    if granularity == "sample":  # the time tables decide per sample (a batch of rows in several bins)
+        cases += [dict(policy="schedule", table={"t_bounds": [0.6, 0.3], "layers": [1, 3, 4]}),
+                  dict(policy="uem-time", table={"t_bounds": [0.5], "min_layers": [1, 2], "max_layers": [3, 5],
+                                                 "thresholds": [thr, thr]})]
+    for kw in cases:
         eps, layer, u = rt.denoise(x, t, y, granularity=granularity, **kw)
         ref_eps, ref_layer, ref_u = oracle(model, x, t, y, device, granularity=granularity, **kw)
         np.testing.assert_array_equal(layer, ref_layer)

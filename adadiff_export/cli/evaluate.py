@@ -40,47 +40,48 @@ def add_parser(sub) -> None:
 
 def _row(name: str, p, depth: int) -> str:
     saved = 100.0 * (1 - p.mean_layers / depth)
-    return (f"{name:>12}  {p.mean_layers:6.2f}  {saved:6.1f}%  {100 * p.accuracy:7.2f}%  {p.fd:9.4f}  "
+    return (f"{name:>14}  {p.mean_layers:6.2f}  {saved:6.1f}%  {100 * p.accuracy:7.2f}%  {p.fd:9.4f}  "
             f"{p.seconds:7.1f}")
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from ..model import checkpoint as ckpt
     from ..quality.metrics import FD_NOTE, load_classifier
-    from ..sampling.generate import default_threshold, evaluate
+    from ..sampling.generate import evaluate, exit_defaults
 
     if a.n < 2:
         raise ValueError(f"--n must be >= 2 (FD needs a covariance), got {a.n}")
     check_run_arguments(a)
     loaded = ckpt.load(a.checkpoint)
     clf = load_classifier(a.classifier)
-    policy = exit_policy(a, default_threshold(loaded))
+    policy = exit_policy(a, exit_defaults(loaded))
     sweep = _numbers(a.sweep, "--sweep")
     layers = _numbers(a.layers, "--layers", int)
     depth = loaded.model.config.depth
     bad = [k for k in layers if not 1 <= k <= depth]
     if bad:
         raise ValueError(f"--layers must lie in 1..{depth} (this model's depth), got {bad}")
-    thresholds = sweep + ([policy.threshold] if policy.threshold not in sweep else [])
-    full, points = evaluate(loaded, clf, a.n, thresholds, policy, a.sampler, a.steps, a.guidance, a.seed, a.batch_size,
-                            layers=layers)
-    by_threshold = sorted((p for p in points if p.layer is None), key=lambda q: q.threshold)
-    static = [p for p in points if p.layer is not None]
-    exit_point = points[thresholds.index(policy.threshold)]
-    print(f"{a.n} samples per setting, {a.sampler}, policy {policy.kind} ({policy.granularity}); {FD_NOTE}")
-    print(f"{'threshold':>12}  {'layers':>6}  {'saved':>7}  {'accuracy':>8}  {'FD':>9}  {'seconds':>7}")
-    print(_row("full", full, depth))
-    for p in by_threshold:
-        print(_row(f"{p.threshold:g}", p, depth))
-    for p in static:
-        print(_row(f"static L{p.layer}", p, depth))
+    from dataclasses import replace
+
+    from ..sampling.early_exit import ExitPolicy
+
+    if sweep and policy.kind not in ("uem", "saturation"):
+        raise ValueError(f"--sweep varies the threshold of --policy uem or saturation, not {policy.kind}")
+    policies = [policy] + [replace(policy, threshold=t) for t in sweep if t != policy.threshold]
+    policies += [ExitPolicy("static", layer=k) for k in layers]
+    full, points = evaluate(loaded, clf, a.n, policies, a.sampler, a.steps, a.guidance, a.seed, a.batch_size,
+                            final_x0=a.final_x0)
+    print(f"{a.n} samples per setting, {a.sampler}; {FD_NOTE}")
+    print(f"{'policy':>14}  {'layers':>6}  {'saved':>7}  {'accuracy':>8}  {'FD':>9}  {'seconds':>7}")
+    for p in [full] + points:
+        print(_row(p.name, p, depth))
     if a.json:
-        rec = {"full": full.as_dict(with_threshold=False), "exit": exit_point.as_dict(),
-               "policy": policy.kind, "granularity": policy.granularity, "n": a.n, "sampler": a.sampler,
-               "fd_space": "shipped Fashion-MNIST classifier features (not Inception FID)"}
+        rec = {"full": full.as_dict(), "exit": points[0].as_dict(), "granularity": policy.granularity, "n": a.n,
+               "sampler": a.sampler, "fd_space": "shipped Fashion-MNIST classifier features (not Inception FID)"}
         if sweep:
-            rec["sweep"] = [p.as_dict() for p in by_threshold]
-        if static:
-            rec["static"] = [p.as_dict() for p in static]
+            swept = [p for p in points if p.policy.kind == policy.kind]
+            rec["sweep"] = [p.as_dict() for p in sorted(swept, key=lambda q: q.policy.threshold)]
+        if layers:
+            rec["static"] = [p.as_dict() for p in points[len(points) - len(layers):]]
         print(json.dumps(rec))
     return 0

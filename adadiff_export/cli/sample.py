@@ -20,14 +20,26 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's, else 2.0; 1 = no guidance)")
-    p.add_argument("--policy", choices=list(POLICIES), default="uem",
-                   help="exit policy: uem (learned uncertainty), static (fixed --layer), saturation (hidden state stops changing)")
+    p.add_argument("--policy", choices=list(POLICIES), default=None,
+                   help="exit policy (default: the checkpoint's): uem (the paper's rule: learned uncertainty below "
+                        "--threshold), uem-time (uncertainty with thresholds and a layer range by time, calibrated), "
+                        "schedule (an exit layer by time, calibrated), static (fixed --layer), saturation (hidden "
+                        "state stops changing)")
     p.add_argument("--threshold", type=float, default=None,
                    help="exit when the score is below this (default for uem: the checkpoint's default threshold; 0 = full depth)")
-    p.add_argument("--patience", type=int, default=1, help="consecutive layers below the threshold before exiting")
-    p.add_argument("--layer", type=int, default=0, help="static policy: the layer every sample exits after (0 = full depth)")
-    p.add_argument("--granularity", choices=list(GRANULARITIES), default="sample",
-                   help="sample: each sample exits on its own; batch: one decision for the batch (the authors' rule)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="consecutive layers below the threshold before exiting (default: the checkpoint's, 1)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="static policy: the layer every sample exits after (0 = full depth; default: the checkpoint's, 0)")
+    p.add_argument("--granularity", choices=list(GRANULARITIES), default=None,
+                   help="sample: each sample exits on its own; batch: one decision for the batch (the authors' rule); "
+                        "default: the checkpoint's, sample")
+    p.add_argument("--table", type=Path, default=None,
+                   help="schedule / uem-time: a JSON file holding the table (as in the manifest's exit.schedule or "
+                        "exit.uem_time); default: the one the checkpoint stores")
+    p.add_argument("--final-x0", action="store_true",
+                   help="the last sampler step returns its x0 prediction instead of stepping to t_eps (removes the "
+                        "~1%% noise left there; what k-diffusion and DPM-Solver do)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (and of stochastic samplers)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
 
@@ -42,17 +54,28 @@ def check_run_arguments(a: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
 
 
-def exit_policy(a: argparse.Namespace, default_threshold: float):
-    """The ExitPolicy the flags describe; uem's threshold defaults to the checkpoint's."""
+def exit_policy(a: argparse.Namespace, defaults):
+    """The ExitPolicy the flags describe; what they leave out comes from `defaults` (ExitDefaults)."""
     from ..sampling.early_exit import ExitPolicy
+    from ..sampling.exit_settings import TimeTable
 
+    kind = a.policy or defaults.policy
     threshold = a.threshold
     if threshold is None:
-        if a.policy == "saturation":
+        if kind == "saturation":
             raise ValueError("--policy saturation needs --threshold (its score is the relative change of the hidden state)")
-        threshold = default_threshold if a.policy == "uem" else 0.0
-    return ExitPolicy(kind=a.policy, threshold=threshold, patience=a.patience, layer=a.layer,
-                      granularity=a.granularity)
+        threshold = defaults.threshold if kind == "uem" else 0.0
+    table = defaults.table_for(kind)
+    if a.table is not None:
+        if kind not in ("schedule", "uem-time"):
+            raise ValueError(f"--table is read by --policy schedule or uem-time, not {kind}")
+        try:
+            table = TimeTable.from_dict(json.loads(Path(a.table).read_text()), str(a.table))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--table {a.table}: {e}") from None
+    return ExitPolicy(kind=kind, threshold=threshold, patience=a.patience or defaults.patience,
+                      layer=defaults.layer if a.layer is None else a.layer,
+                      granularity=a.granularity or defaults.granularity, table=table)
 
 
 def add_parser(sub) -> None:
@@ -80,7 +103,8 @@ def summary(result, a: argparse.Namespace, policy, steps: int) -> Dict[str, Any]
         "seconds": round(result.seconds, 3),
         "image_mean": round(float(result.images.mean()), 5),
         "image_std": round(float(result.images.std()), 5),
-        "threshold": policy.threshold if policy.kind != "static" else None,
+        "threshold": policy.threshold if policy.kind in ("uem", "saturation") else None,
+        "layer": policy.layer if policy.kind == "static" else None,
         "policy": policy.kind, "granularity": policy.granularity,
         "sampler": a.sampler, "steps": steps, "n": a.n, "backend": a.backend,
     }
@@ -88,7 +112,7 @@ def summary(result, a: argparse.Namespace, policy, steps: int) -> Dict[str, Any]
 
 def _cmd_sample(a: argparse.Namespace) -> int:
     from ..model import checkpoint as ckpt
-    from ..sampling.generate import default_guidance, default_threshold, generate, generate_rt
+    from ..sampling.generate import exit_defaults, generate, generate_rt
     from ..sampling.images import check_image_path, save_grid
     from ..sampling.samplers import steps_for
 
@@ -97,15 +121,16 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     check_run_arguments(a)
     check_image_path(a.out)
     loaded = ckpt.load(a.checkpoint)
-    policy = exit_policy(a, default_threshold(loaded))
+    defaults = exit_defaults(loaded)
+    policy = exit_policy(a, defaults)
     steps = steps_for(a.sampler, a.steps)
-    guidance = default_guidance(loaded) if a.guidance is None else a.guidance
+    guidance = defaults.guidance if a.guidance is None else a.guidance
     c = loaded.model.config
     if a.backend == "rt":
         result = generate_rt(a.engines, (c.in_chans, c.img_size, c.img_size), c.num_classes, a.n, policy,
-                             a.sampler, steps, guidance, a.seed)
+                             a.sampler, steps, guidance, a.seed, final_x0=a.final_x0)
     else:
-        result = generate(loaded, a.n, policy, a.sampler, steps, guidance, a.seed, a.batch_size)
+        result = generate(loaded, a.n, policy, a.sampler, steps, guidance, a.seed, a.batch_size, final_x0=a.final_x0)
     path = save_grid(result.images, a.out, nrow=c.num_classes if c.num_classes and a.n % c.num_classes == 0 else None)
     rec = summary(result, a, policy, steps)
     print(f"wrote {path} ({a.n} images, {a.sampler} {steps} steps, guidance {guidance:g}, {policy.kind} "

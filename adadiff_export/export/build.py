@@ -16,7 +16,8 @@ from typing import Callable, List, Optional
 
 from ..errors import UserError
 from ..model.checkpoint import SHIPPED_CHECKPOINT, Loaded, load, require_finite
-from .manifest import FILENAME, PRECISIONS, ExitDefaults, Manifest, Segment, sha256_file, write
+from ..sampling.generate import exit_defaults
+from .manifest import FILENAME, PRECISIONS, Manifest, Segment, sha256_file, write
 
 TENSORRT_MODES = ("auto", "on", "off")
 PRODUCER = "adadiff_export 0.1.0"
@@ -88,14 +89,6 @@ def model_section(loaded: Loaded) -> dict:
     c = loaded.model.config
     return {**c.to_dict(), "null_class": c.num_classes if c.num_classes > 0 else None,
             "num_tokens": c.num_tokens, "num_extra_tokens": c.num_extra_tokens}
-
-
-def exit_defaults(loaded: Loaded) -> ExitDefaults:
-    """Exit defaults from the checkpoint's `defaults` (threshold, guidance) when present."""
-    d = loaded.defaults
-    base = ExitDefaults()
-    return ExitDefaults(threshold=float(d.get("threshold", base.threshold)),
-                        guidance=float(d.get("guidance", base.guidance)))
 
 
 def _export_all(loaded: Loaded, tmp: Path, opts: BuildOptions, log: Callable[[str], None]) -> List[Segment]:

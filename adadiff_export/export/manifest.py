@@ -13,9 +13,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..files import write_atomically
+from ..sampling.exit_settings import ExitDefaults
 
 FORMAT = "adadiff-engines"
-VERSION = 1
+VERSION = 2  # 2: exit.layer, exit.schedule and exit.uem_time (docs/MANIFEST.md)
+OLDEST_VERSION = 1  # version 1 folders still load: their exit section takes the defaults of the new fields
 FILENAME = "manifest.json"
 BATCH = "B"  # the symbolic batch dimension in shapes
 DTYPES = ("float32", "float16", "bfloat16", "int64")
@@ -106,24 +108,24 @@ class TensorRTInfo:
 
 
 @dataclass(frozen=True)
-class ExitDefaults:
-    """Exit settings a runtime uses when a call gives none."""
+class CalibrationPoint:
+    """One fitted policy of a calibration run: its budget, mean layers on the calibration set and
+    `shift` (the finished samples' feature mean shift against full depth; calibration/features.py).
+
+    Version 1 folders stored a uem threshold sweep (threshold, mean layers, prediction mse, FD);
+    those entries still load, with policy "uem".
+    """
 
     policy: str = "uem"
-    threshold: float = 0.1
-    patience: int = 1
-    granularity: str = "sample"
-    guidance: float = 2.0
-
-
-@dataclass(frozen=True)
-class CalibrationPoint:
-    """One threshold of the calibration sweep."""
-
-    threshold: float
-    mean_layers: float
-    mse: float
+    budget: Optional[float] = None
+    mean_layers: float = 0.0
+    shift: Optional[float] = None
+    threshold: Optional[float] = None
+    mse: Optional[float] = None
     fd: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -172,8 +174,8 @@ class Manifest:
             "max_batch": self.max_batch, "onnx": dict(self.onnx),
             "segments": [s.to_dict() for s in self.segments],
             "tensorrt": self.tensorrt.to_dict() if self.tensorrt is not None else None,
-            "exit": asdict(self.exit),
-            "calibration": [asdict(c) for c in self.calibration],
+            "exit": self.exit.to_dict(),
+            "calibration": [c.to_dict() for c in self.calibration],
         }
 
     @classmethod
@@ -183,7 +185,7 @@ class Manifest:
             model=dict(d["model"]), schedule=dict(d["schedule"]), max_batch=int(d["max_batch"]),
             segments=[Segment.from_dict(s) for s in d["segments"]], source=dict(d.get("source") or {}),
             onnx=dict(d.get("onnx") or {}), tensorrt=TensorRTInfo.from_dict(trt) if trt else None,
-            exit=ExitDefaults(**d.get("exit", {})),
+            exit=ExitDefaults.from_dict(d.get("exit") or {}),
             calibration=[CalibrationPoint(**c) for c in d.get("calibration") or []],
             created=str(d.get("created", "")), producer=str(d.get("producer", "")),
             format=d["format"], version=d["version"],
@@ -255,8 +257,9 @@ def validate(m: Manifest) -> None:
     """Schema checks that need no files: format, version, segment order, tensors, wiring, names."""
     if m.format != FORMAT:
         raise ManifestError(f"not an adadiff engines manifest (format {m.format!r}, want {FORMAT!r})")
-    if m.version != VERSION:
-        raise ManifestError(f"manifest version {m.version} is not supported (this code reads version {VERSION})")
+    if not OLDEST_VERSION <= m.version <= VERSION:
+        raise ManifestError(f"manifest version {m.version} is not supported (this code reads versions "
+                            f"{OLDEST_VERSION}..{VERSION})")
     for key in ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_classes"):
         if not isinstance(m.model.get(key), int):
             raise ManifestError(f"model.{key} missing or not an integer")
@@ -276,6 +279,10 @@ def validate(m: Manifest) -> None:
     if [s.index for s in layers] != list(range(1, m.depth + 1)):
         raise ManifestError(f"layer indices are {[s.index for s in layers]}, want 1..{m.depth}")
     _check_wiring(layers, m.depth)
+    try:
+        m.exit.check(m.depth)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
     if m.tensorrt is not None:
         if m.tensorrt.precision not in PRECISIONS:
             raise ManifestError(f"tensorrt.precision {m.tensorrt.precision!r} is not one of {PRECISIONS}")
@@ -321,9 +328,11 @@ def load(folder: Path, check: bool = True) -> Manifest:
         raise ManifestError(f"{path} is not a JSON object")
     if raw.get("format") != FORMAT:
         raise ManifestError(f"{path}: not an adadiff engines manifest (format {raw.get('format')!r})")
-    if raw.get("version") != VERSION:
-        raise ManifestError(f"{path}: manifest version {raw.get('version')!r} is not supported "
-                            f"(this code reads version {VERSION})")
+    if raw.get("version") not in range(OLDEST_VERSION, VERSION + 1):
+        newer = isinstance(raw.get("version"), int) and raw["version"] > VERSION
+        raise ManifestError(f"{path}: manifest version {raw.get('version')!r} is not supported (this code reads "
+                            f"versions {OLDEST_VERSION}..{VERSION}; " +
+                            ("update adadiff)" if newer else "rebuild the engines with `python -m adadiff_export build`)"))
     try:
         m = Manifest.from_dict(raw)
     except (KeyError, TypeError, ValueError) as e:

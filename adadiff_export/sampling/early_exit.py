@@ -3,13 +3,20 @@
 Semantics, which adadiff_rt reproduces exactly:
 
 - Layers are numbered 1..N. After layer i < N the policy computes a per-sample score s_i:
-  * `uem`: s_i = u_i, the mean of layer i's uncertainty map (0 = certain);
+  * `uem` (the paper's rule) and `uem-time`: s_i = u_i, the mean of layer i's uncertainty map
+    (0 = certain);
   * `saturation`: s_i = ||h_i - h_{i-1}|| / ||h_{i-1}|| over all tokens (h_0 is the stem output);
-  * `static`: no score; every sample exits after layer `layer`.
+  * `static`: no score; every sample exits after layer `layer`;
+  * `schedule`: no score; a sample exits after the layer its time's bin of `table` names
+    (`TimeTable`, sampling/exit_settings.py: bins over t, bin 0 the noisiest).
 - A counter per sample (granularity `sample`) or one for the batch (granularity `batch`, the
   authors' rule, where the batch score is the mean of s_i over the samples still running) counts
   consecutive layers with s_i < threshold, and resets to 0 otherwise. When it reaches `patience`
   the sample (or the whole batch) exits at layer i. Layer N always exits.
+- `uem-time` takes its threshold, and the layers a sample may exit at, from the bin of the
+  sample's t in `table`: below min_layers[k] a layer never counts as below the threshold, the
+  threshold is thresholds[k], and a sample still running after max_layers[k] exits there.
+  It decides per sample (granularity `sample` only).
 - An exiting sample's prediction is head(h_i). With granularity `sample`, exited samples leave
   the working batch (hidden state, skip rows and time embedding compacted away), so later layers
   run only on the samples still running. Threshold 0 never exits early (u > 0 and change >= 0).
@@ -19,15 +26,15 @@ Semantics, which adadiff_rt reproduces exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from ..model.uvit import UViT
+from .exit_settings import GRANULARITIES, POLICIES, TimeTable
 
-POLICIES = ("uem", "static", "saturation")
-GRANULARITIES = ("sample", "batch")
+TABLE_POLICIES = ("uem-time", "schedule")
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,25 @@ class ExitPolicy:
     patience: int = 1
     layer: int = 0  # static: the (1-based) layer every sample exits after; 0 = full depth
     granularity: str = "sample"
+    table: Optional[TimeTable] = None  # schedule / uem-time: the exit parameters by time
 
     def __post_init__(self) -> None:
         if self.kind not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.kind!r}")
+        if self.kind in TABLE_POLICIES:
+            if self.table is None:
+                raise ValueError(f"policy {self.kind!r} needs a time table (calibrate one: python -m adadiff_export "
+                                 "calibrate)")
+            if self.table.is_schedule != (self.kind == "schedule"):
+                raise ValueError(f"policy {self.kind!r} takes a " +
+                                 ("schedule (one layer per bin)" if self.kind == "schedule" else
+                                  "uem-time table (layers and a threshold per bin)"))
+            if self.kind == "uem-time" and self.granularity != "sample":
+                raise ValueError("policy 'uem-time' decides per sample; granularity 'batch' is the paper's rule "
+                                 "(policy 'uem')")
+        elif self.table is not None:
+            raise ValueError(f"a time table is used by policy 'schedule' or 'uem-time', not {self.kind!r}")
+
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.kind == "uem" and not 0.0 <= self.threshold <= 1.0:
@@ -53,6 +75,12 @@ class ExitPolicy:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.layer < 0:
             raise ValueError(f"static layer must be >= 0, got {self.layer}")
+
+    def runtime_kwargs(self) -> Dict[str, Any]:
+        """The same policy as keyword arguments of adadiff_rt's Runtime.denoise / Runtime.sample."""
+        return {"policy": self.kind, "threshold": self.threshold, "patience": self.patience,
+                "granularity": self.granularity, "static_layer": self.layer,
+                "table": self.table.to_dict() if self.table is not None else None}
 
 
 FULL_DEPTH = ExitPolicy(kind="static", layer=0)
@@ -68,7 +96,7 @@ class ExitResult:
 def _scores(model: UViT, policy: ExitPolicy, i: int, h: Tensor, h_prev: Tensor, temb: Tensor,
             u_out: Tensor, active: Tensor) -> Optional[Tensor]:
     """Per-sample score of layer i (0-based) for the running samples; records u when computed."""
-    if policy.kind == "uem":
+    if policy.kind in ("uem", "uem-time"):
         u = model.uncertainty(i, h, temb).mean(dim=(1, 2, 3))
         u_out[active, i] = u
         return u
@@ -92,24 +120,35 @@ def early_exit(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor], policy: E
     saved: List[Tensor] = []
     k = model.config.num_in_blocks
     static_layer = policy.layer if policy.kind == "static" and policy.layer > 0 else n_layers
+    bins = None
+    if policy.table is not None:
+        bins = _bins(policy.table.check(n_layers, f"policy {policy.kind!r}"), t)
     for i in range(n_layers):
         src = model.skip_source(i)
         h_prev = h
         h = model.layer(i, h, saved[src] if src is not None else None)
         if i < k:
             saved.append(h)
+        here = i + 1
         if i == n_layers - 1:
             exits = torch.ones(h.shape[0], dtype=torch.bool)
         elif policy.kind == "static":
-            exits = torch.full((h.shape[0],), i + 1 >= static_layer, dtype=torch.bool)
+            exits = torch.full((h.shape[0],), here >= static_layer, dtype=torch.bool)
+        elif policy.kind == "schedule":
+            exits = here >= _per_bin(policy.table.min_layers, bins[active])
         else:
             s = _scores(model, policy, i, h, h_prev, temb, u_out, active)
-            if policy.granularity == "batch":
+            if policy.kind == "uem-time":
+                kb = bins[active]
+                below = (here >= _per_bin(policy.table.min_layers, kb)) & (s < _per_bin(policy.table.thresholds, kb, s.dtype))
+            elif policy.granularity == "batch":
                 below = (s.mean() < policy.threshold).expand(h.shape[0])
             else:
                 below = s < policy.threshold
             count = torch.where(below, count + 1, torch.zeros_like(count))
             exits = count >= policy.patience
+            if policy.kind == "uem-time":
+                exits = exits | (here >= _per_bin(policy.table.max_layers, bins[active]))
         if exits.any():
             idx = active[exits]
             eps[idx] = model.head(h[exits])
@@ -120,6 +159,17 @@ def early_exit(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor], policy: E
             active, h, temb, count = active[keep], h[keep], temb[keep], count[keep]
             saved = [s[keep] for s in saved]
     return ExitResult(eps, exit_layer, u_out)
+
+
+def _bins(table: TimeTable, t: Tensor) -> Tensor:
+    """Each row's bin: how many bounds lie above its t (float32 t compared as a double, as adadiff_rt does)."""
+    bounds = torch.tensor(table.t_bounds, dtype=torch.float64)
+    return (t.double()[:, None] < bounds[None, :]).sum(dim=1)
+
+
+def _per_bin(values, bins: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """values[bin] for each row (thresholds as float32, as adadiff_rt stores them)."""
+    return torch.tensor(values, dtype=dtype)[bins]
 
 
 @dataclass
@@ -150,3 +200,12 @@ class EarlyExitDenoiser:
 def per_layer_predictions(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor]):
     """eps_i and uncertainty maps of every layer (for figures and calibration)."""
     return model.forward_all_layers(x, t, y)
+
+
+@torch.no_grad()
+def per_layer_uncertainty(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+    """[B, N] mean uncertainty u_i of every layer (no heads): what uem rules decide on."""
+    h, temb = model.stem(x, t, y)
+    us: List[Tensor] = []
+    model.run_layers(h, lambda i, hi: us.append(model.uncertainty(i, hi, temb).mean(dim=(1, 2, 3))))
+    return torch.stack(us, dim=1)

@@ -9,7 +9,7 @@ Inception FID) and mean layers at full depth and at one or more thresholds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -19,10 +19,8 @@ from torch import Tensor
 from ..model.checkpoint import Loaded
 from ..quality.metrics import LoadedClassifier, class_accuracy, fd_to_test_set
 from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
+from .exit_settings import ExitDefaults
 from .samplers import Denoiser, guided, sample, steps_for
-
-DEFAULT_GUIDANCE = 2.0
-DEFAULT_THRESHOLD = 0.1  # used only when a checkpoint stores no default threshold
 MAX_RT_SEED = 2 ** 64 - 1  # adadiff_rt's sample() takes its seed as uint64
 
 
@@ -43,14 +41,20 @@ class GenerationResult:
         return float(self.layers.float().mean())
 
 
+def exit_defaults(loaded: Loaded) -> ExitDefaults:
+    """The checkpoint's stored exit settings (`defaults`: policy, threshold, guidance, tables), checked
+    against its depth; what it does not store takes ExitDefaults' values."""
+    return ExitDefaults.from_dict(loaded.defaults, f"checkpoint {loaded.path} defaults").check(loaded.model.depth)
+
+
 def default_guidance(loaded: Loaded) -> float:
     """The checkpoint's stored guidance scale, else 2.0."""
-    return float(loaded.defaults.get("guidance", DEFAULT_GUIDANCE))
+    return exit_defaults(loaded).guidance
 
 
 def default_threshold(loaded: Loaded) -> float:
     """The checkpoint's stored exit threshold, else 0.1 (a random or unfinished checkpoint)."""
-    return float(loaded.defaults.get("threshold", DEFAULT_THRESHOLD))
+    return exit_defaults(loaded).threshold
 
 
 def noise_and_labels(model_shape: Tuple[int, int, int], num_classes: int, n: int, seed: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -80,10 +84,12 @@ def _counting(denoiser: Denoiser, tick: Callable[[], None]) -> Denoiser:
 @torch.no_grad()
 def generate(loaded: Loaded, n: int, policy: ExitPolicy = FULL_DEPTH, sampler: str = "dpm++",
              steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
-             batch_size: int = 100, progress: bool = True, desc: str = "sample") -> GenerationResult:
+             batch_size: int = 100, progress: bool = True, desc: str = "sample",
+             final_x0: bool = False) -> GenerationResult:
     """Sample `n` images (labels i % classes) with the reference early exit, in batches.
 
-    Guidance defaults to the checkpoint's; full depth is `FULL_DEPTH` (or a uem threshold of 0).
+    Guidance defaults to the checkpoint's; full depth is `FULL_DEPTH` (or a uem threshold of 0);
+    `final_x0` is the samplers' (the last step returns its x0 prediction).
     """
     from tqdm import tqdm
 
@@ -101,7 +107,7 @@ def generate(loaded: Loaded, n: int, policy: ExitPolicy = FULL_DEPTH, sampler: s
         fn: Denoiser = den if labels is None else guided(den, w, c.num_classes)
         y = None if labels is None else labels[sl]
         images.append(sample(sampler, _counting(fn, lambda: bar.update(1)), noise[sl].clone(), loaded.schedule,
-                             steps, y=y, generator=gen))
+                             steps, y=y, generator=gen, final_x0=final_x0))
         layers.append(den.layers_by_step())
     seconds = time.perf_counter() - start
     bar.close()
@@ -120,7 +126,8 @@ def _import_rt():
 
 def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: int, n: int,
                 policy: ExitPolicy, sampler: str = "dpm++", steps: Optional[int] = None,
-                guidance: float = DEFAULT_GUIDANCE, seed: int = 0, progress: bool = True) -> GenerationResult:
+                guidance: float = ExitDefaults.guidance, seed: int = 0, progress: bool = True,
+                final_x0: bool = False) -> GenerationResult:
     """The same job on the C++ runtime (adadiff_rt, OpenVINO on CPU), batched to the engines' max_batch.
 
     Chunk k of the run samples with seed `seed + k`: the runtime's generator takes an unsigned 64-bit seed.
@@ -145,49 +152,58 @@ def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: 
                                 disable=not progress, leave=False)):
         y = None if labels is None else labels[sl].numpy()
         img, used = runtime.sample(noise[sl].numpy(), y, sampler=sampler, steps=steps, guidance=guidance,
-                                   policy=policy.kind, threshold=policy.threshold, patience=policy.patience,
-                                   granularity=policy.granularity, static_layer=policy.layer, seed=seed + k)
+                                   seed=seed + k, final_x0=final_x0, **policy.runtime_kwargs())
         images.append(torch.from_numpy(img))
         layers.append(torch.as_tensor(used, dtype=torch.int64))
     seconds = time.perf_counter() - start
     return GenerationResult(torch.cat(images), labels, torch.cat(layers, dim=1), seconds)
 
 
+def policy_label(policy: ExitPolicy) -> str:
+    """A short name for a policy in tables: `uem 0.1`, `static L6`, `schedule`, `full`, ..."""
+    if policy.kind == "static":
+        return "full" if policy.layer == 0 else f"static L{policy.layer}"
+    if policy.kind in ("uem", "saturation"):
+        return f"{policy.kind} {policy.threshold:g}"
+    return policy.kind
+
+
 @dataclass
 class EvalPoint:
-    """Quality and cost of one setting; FD is in the shipped classifier's feature space (not Inception FID)."""
+    """Quality and cost of one policy; FD is in the shipped classifier's feature space (not Inception FID)."""
 
-    threshold: Optional[float]
+    policy: ExitPolicy
     accuracy: float
     fd: float
     mean_layers: float
     seconds: float
-    layer: Optional[int] = None  # set on the static-exit points of `evaluate(layers=...)`
 
-    def as_dict(self, with_threshold: bool = True) -> Dict[str, float]:
-        d = {"accuracy": round(self.accuracy, 5), "fd": round(self.fd, 5), "mean_layers": round(self.mean_layers, 4)}
-        if self.layer is not None:
-            return {"layer": self.layer, **d}
-        return {"threshold": self.threshold, **d} if with_threshold else d
+    @property
+    def name(self) -> str:
+        return policy_label(self.policy)
+
+    def as_dict(self) -> Dict[str, object]:
+        p = self.policy
+        d: Dict[str, object] = {"name": self.name, "policy": p.kind}
+        if p.kind in ("uem", "saturation"):
+            d["threshold"] = p.threshold
+        if p.kind == "static":
+            d["layer"] = p.layer
+        return {**d, "accuracy": round(self.accuracy, 5), "fd": round(self.fd, 5),
+                "mean_layers": round(self.mean_layers, 4)}
 
 
-def measure(clf: LoadedClassifier, result: GenerationResult, threshold: Optional[float],
-            layer: Optional[int] = None) -> EvalPoint:
+def measure(clf: LoadedClassifier, result: GenerationResult, policy: ExitPolicy) -> EvalPoint:
     """Accuracy (when conditional), FD to the real test set and mean layers of one generation."""
     acc = class_accuracy(clf, result.images, result.labels) if result.labels is not None else float("nan")
-    return EvalPoint(threshold, acc, fd_to_test_set(clf, result.images), result.mean_layers, result.seconds, layer)
+    return EvalPoint(policy, acc, fd_to_test_set(clf, result.images), result.mean_layers, result.seconds)
 
 
-def evaluate(loaded: Loaded, clf: LoadedClassifier, n: int, thresholds: Sequence[float],
-             policy: ExitPolicy = ExitPolicy("uem"), sampler: str = "dpm++", steps: Optional[int] = None,
-             guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100,
-             progress: bool = True, layers: Sequence[int] = ()) -> Tuple[EvalPoint, List[EvalPoint]]:
-    """Full depth, then `policy` at each threshold, then static exit at each of `layers` (points with
-    `layer` set), all on the same noise and labels."""
-    kw = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress)
-    full = measure(clf, generate(loaded, n, FULL_DEPTH, desc="full depth", **kw), None)
-    points = [measure(clf, generate(loaded, n, replace(policy, threshold=t), desc=f"threshold {t:g}", **kw), t)
-              for t in thresholds]
-    points += [measure(clf, generate(loaded, n, ExitPolicy("static", layer=k), desc=f"static L{k}", **kw), None, k)
-               for k in layers]
-    return full, points
+def evaluate(loaded: Loaded, clf: LoadedClassifier, n: int, policies: Sequence[ExitPolicy], sampler: str = "dpm++",
+             steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100,
+             progress: bool = True, final_x0: bool = False) -> Tuple[EvalPoint, List[EvalPoint]]:
+    """Full depth, then each policy, all on the same noise and labels."""
+    kw = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress,
+              final_x0=final_x0)
+    full = measure(clf, generate(loaded, n, FULL_DEPTH, desc="full depth", **kw), FULL_DEPTH)
+    return full, [measure(clf, generate(loaded, n, p, desc=policy_label(p), **kw), p) for p in policies]
