@@ -122,6 +122,7 @@ struct StepCoefs {
   float d_cur = 0, d_prev = 0;  // dpm second order: d = d_cur * x0 - d_prev * x0_prev
   float half_beta = 0, beta = 0, sigma = 1, dt = 0;  // euler
   float noise = 0;              // scale of the Gaussian added after the update (0: none)
+  bool final_x0 = false;        // the last step returns x0 instead of stepping to t_eps
   uint64_t seed = 0;
   uint64_t step = 0;
 };
@@ -144,6 +145,7 @@ ADADIFF_HD float gaussian(uint64_t seed, uint64_t step, uint64_t i) {
 }
 
 ADADIFF_HD float sampler_element(const StepCoefs& c, float x, float eps, float* x0_prev, uint64_t i) {
+  if (c.final_x0) return (x - c.s_t * eps) / c.a_t;
   float out;
   if (c.kind == StepKind::Euler) {
     float drift = c.half_beta * x - (c.beta * eps) / c.sigma;

@@ -492,6 +492,7 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
       c.dt = float(dt);
       c.noise = n < steps - 1 ? float(std::sqrt(beta * dt)) : 0.0f;
     }
+    c.final_x0 = o.final_x0 && n == steps - 1;
     ops_->sampler_step(c, x, eps, x0_prev_.as<float>(), n_img);
   }
   ops_->clamp_unit(x, n_img);

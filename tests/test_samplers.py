@@ -100,3 +100,28 @@ def test_guidance_combines_conditional_and_unconditional():
     assert guided(den, 1.0, 10) is den
     with pytest.raises(ValueError, match="unknown sampler"):
         sample("heun", den, x, SCHEDULE, 2)
+
+
+@pytest.mark.parametrize("name", ["dpm++", "ddim", "euler"])
+def test_final_x0_returns_the_last_steps_data_prediction(name):
+    """final_x0: the same run up to the last step, which returns (x - sigma eps) / alpha at that step's time."""
+    from adadiff_export.sampling.samplers import time_grid
+
+    schedule = VPSchedule()
+    seen = []
+
+    def denoiser(x, t, y):  # the exact noise of data that is the constant 0.2
+        seen.append((x.clone(), float(t[0])))
+        return (x - schedule.alpha(t[0]) * 0.2) / schedule.sigma(t[0])
+
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = SAMPLERS[name](denoiser, x.clone(), schedule, 6, generator=torch.Generator().manual_seed(1), final_x0=True)
+    xl, tl = seen[-1]
+    spacing = "uniform" if name == "euler" else "logsnr"
+    assert tl == pytest.approx(float(time_grid(schedule, 6, spacing)[-2]))
+    eps = (xl - schedule.alpha(tl) * 0.2) / schedule.sigma(tl)
+    x0 = (xl - schedule.sigma(tl) * eps) / schedule.alpha(tl)
+    torch.testing.assert_close(out, x0.clamp(-1, 1))
+    torch.testing.assert_close(out, torch.full_like(out, 0.2), atol=1e-4, rtol=0)
+    plain = SAMPLERS[name](denoiser, x.clone(), schedule, 6, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(out, plain)

@@ -1,7 +1,10 @@
 """Samplers as plain functions over a denoiser `(x, t[B], y) -> eps` on the VP SDE.
 
-All run on a decreasing time grid from 1 to `schedule.t_eps` (uniform in t) and
-return images clipped to [-1, 1]. Classifier-free guidance wraps a denoiser
+All run on a decreasing time grid from 1 to `schedule.t_eps` and return images clipped to
+[-1, 1]. With `final_x0` the last step returns that step's data prediction
+x0 = (x - sigma_t eps) / alpha_t instead of stepping to t_eps (k-diffusion's last step to
+sigma 0, DPM-Solver's denoise_to_zero without the extra evaluation): the ~1% noise left at
+t_eps is removed. Classifier-free guidance wraps a denoiser
 (`guided`), so every sampler has it.
 """
 from __future__ import annotations
@@ -62,13 +65,15 @@ def _tvec(t: float, x: Tensor) -> Tensor:
 
 def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 100,
                 y: Optional[Tensor] = None, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: Optional[torch.Generator] = None, final_x0: bool = False) -> Tensor:
     """DDIM (Song et al. 2021); eta = 0 is deterministic, eta = 1 is DDPM-like."""
     ts = time_grid(schedule, steps).tolist()
-    for t, s in zip(ts[:-1], ts[1:]):
+    for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         eps = denoiser(x, _tvec(t, x), y)
         a_t, s_t, a_s, s_s = schedule.alpha(t), schedule.sigma(t), schedule.alpha(s), schedule.sigma(s)
         x0 = (x - s_t * eps) / a_t
+        if final_x0 and n == steps - 1:
+            return x0.clamp(-1, 1)
         c = eta * (s_s / s_t) * math.sqrt(max(0.0, 1.0 - (a_t / a_s) ** 2))
         x = a_s * x0 + math.sqrt(max(0.0, s_s ** 2 - c ** 2)) * eps
         if c > 0:
@@ -77,15 +82,18 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int 
 
 
 def sample_dpm_solver_pp(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 50,
-                         y: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+                         y: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                         final_x0: bool = False) -> Tensor:
     """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022); first step is first order."""
     ts = time_grid(schedule, steps).tolist()
     x0_prev: Optional[Tensor] = None
     h_prev = 0.0
-    for t, s in zip(ts[:-1], ts[1:]):
+    for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         eps = denoiser(x, _tvec(t, x), y)
         a_t, s_t, a_s, s_s = schedule.alpha(t), schedule.sigma(t), schedule.alpha(s), schedule.sigma(s)
         x0 = (x - s_t * eps) / a_t
+        if final_x0 and n == steps - 1:
+            return x0.clamp(-1, 1)
         h = schedule.lambda_(s) - schedule.lambda_(t)
         if x0_prev is None:
             d = x0
@@ -99,12 +107,14 @@ def sample_dpm_solver_pp(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, st
 
 def sample_euler_maruyama(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 1000,
                           y: Optional[Tensor] = None,
-                          generator: Optional[torch.Generator] = None) -> Tensor:
+                          generator: Optional[torch.Generator] = None, final_x0: bool = False) -> Tensor:
     """Euler-Maruyama on the reverse VP SDE (the paper's 1000-step setting); no noise on the last step."""
     ts = time_grid(schedule, steps, "uniform").tolist()
     for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         dt = t - s
         eps = denoiser(x, _tvec(t, x), y)
+        if final_x0 and n == steps - 1:
+            return ((x - schedule.sigma(t) * eps) / schedule.alpha(t)).clamp(-1, 1)
         beta = schedule.beta(t)
         x = x + (0.5 * beta * x - beta * eps / schedule.sigma(t)) * dt
         if n < steps - 1:
