@@ -201,26 +201,41 @@ def test_profile_costs_and_cumulative_exit_cost(built):
     assert all(b > a for a, b in zip(cum, cum[1:]))
 
 
-def test_calibrate_stores_the_curve_and_picks_a_threshold(built, tmp_path):
-    from adadiff_export.export.calibrate import calibrate_folder, pick
+def test_calibrate_stores_the_fitted_policies_in_the_manifest(built, tmp_path):
+    """calibrate on a folder: the fitted schedule meets the budget within one layer, the best policy becomes the
+    default, the curve is stored, and the engine files' checksums still hold."""
+    from adadiff_export.export.calibrate import calibrate_folder
 
     copy = tmp_path / "engines"
     shutil.copytree(built[0], copy)
-    cal = calibrate_folder(copy, checkpoint=built[1], thresholds=[0.0, 0.3, 0.5, 0.7, 1.0], batch=32,
-                           target_layers=0.6, fd_points=0, log=lambda s: None)
+    report = calibrate_folder(copy, checkpoint=built[1], target_layers=0.6, samples=8, bins=3,
+                              policies=("schedule", "uem-time", "uem"), log=lambda s: None)
     m = mf.load(copy)  # checksums still hold
-    assert [p.threshold for p in m.calibration] == [0.0, 0.3, 0.5, 0.7, 1.0]
-    assert m.calibration[0].mean_layers == 5.0 and m.calibration[0].mse == 0.0
-    assert m.calibration[-1].mean_layers == 1.0  # u < 1 always: everyone exits after layer 1
-    layers = [p.mean_layers for p in m.calibration]
-    assert layers == sorted(layers, reverse=True)
-    assert m.exit.threshold == cal.threshold
-    assert next(p for p in m.calibration if p.threshold == cal.threshold).mean_layers <= 0.6 * 5
-    # the quality budget picks the shallowest point under the error budget
-    points = [mf.CalibrationPoint(0.0, 5.0, 0.0), mf.CalibrationPoint(0.1, 4.0, 0.01), mf.CalibrationPoint(0.2, 2.0, 0.05)]
-    assert pick(points, 5, None, 0.02, 0.3)[0] == 0.1
-    assert pick(points, 5, 0.5, None, 0.3)[0] == 0.2
-    assert pick(points, 5, None, None, 0.3)[0] == 0.3
+    budget = 0.6 * 5
+    fit = report.budgets[0]
+    assert fit.budget == budget
+    assert m.exit.policy == fit.best.policy.kind
+    assert m.exit.schedule is not None and m.exit.schedule.bins == 3
+    assert abs(fit.fits["schedule"].mean_layers - budget) <= 1.0
+    assert abs(fit.fits["uem"].mean_layers - budget) <= 1.0
+    assert m.exit.uem_time is not None and m.exit.threshold == fit.fits["uem"].policy.threshold
+    assert {p.policy for p in m.calibration} == {"schedule", "uem-time", "uem"}
+    assert all(p.budget == budget for p in m.calibration)
+
+
+def test_calibrate_checkpoint_writes_defaults_sample_uses(built, tmp_path):
+    from adadiff_export.export.calibrate import calibrate_checkpoint
+    from adadiff_export.model.checkpoint import load
+    from adadiff_export.sampling.generate import exit_defaults
+
+    out = tmp_path / "calibrated.pt"
+    calibrate_checkpoint(built[1], out, target_layers=0.4, samples=6, bins=2, policies=("schedule",),
+                         log=lambda s: None)
+    d = exit_defaults(load(out))
+    assert d.policy == "schedule" and d.schedule.bins == 2
+    steps_mean = d.schedule.mean_layers([0.9, 0.1])  # one time in each bin
+    assert abs(steps_mean - 2.0) <= 1.0
+    assert load(out).raw["provenance"]["calibration"]["samples"] == 6
 
 
 def test_uncertainty_map_output(tmp_path):

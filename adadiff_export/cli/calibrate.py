@@ -1,37 +1,62 @@
-"""`python -m adadiff_export calibrate DIR`: sweep exit thresholds, store the curve, pick a default."""
+"""`python -m adadiff_export calibrate TARGET`: fit the exit policies to a budget and store them."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from .build import add_budget_arguments, budget_options
+
+
 def add_parser(sub) -> None:
     """Register `calibrate`."""
     p = sub.add_parser(
-        "calibrate", help="sweep exit thresholds, store the curve, pick the default threshold",
-        description="Sweep uncertainty thresholds on a held-out batch with the PyTorch reference early exit "
-                    "(mean layers, prediction mse against full depth, FD of sampled images when the classifier "
-                    "is available), store the curve in the engines folder's manifest and pick the default "
-                    "threshold for a layer budget (--target-layers) or a quality budget (--max-mse).")
-    p.add_argument("folder", type=Path, help="engines folder")
+        "calibrate", help="fit the exit policies (schedule, uem-time, uem) to a budget and store the best as default",
+        description="Fit the exit policies to a layer budget (--target-layers) or a quality budget (--max-shift) on "
+                    "held-out samples: each candidate is a whole sampling run, scored by how far the finished "
+                    "samples' features move from full depth (mean shift; the quality classifier's features for "
+                    "28x28 grayscale models, a frequency descriptor otherwise). Stores the schedule, the uem-time "
+                    "table, the uem threshold and the best policy as the default: in an engines folder's "
+                    "manifest.json, or in a checkpoint's defaults. Minutes of CPU: a progress line per run.")
+    p.add_argument("target", nargs="?", type=Path, default=None,
+                   help="an engines folder (its manifest is rewritten) or a checkpoint .pt file (its defaults are "
+                        "rewritten, or written to --out); default: the engines/ folder")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="the checkpoint the folder was built from (default: the path recorded at build time)")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-layers", type=float, default=None,
-                        help="layer budget: mean depth at most this fraction of the layers (e.g. 0.6)")
-    target.add_argument("--max-mse", type=float, default=None,
-                        help="quality budget: prediction mse against full depth at most this")
-    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="thresholds to sweep (default: a grid)")
-    p.add_argument("--batch", type=int, default=128, help="held-out batch size")
-    p.add_argument("--fd-points", type=int, default=3,
-                   help="thresholds that also get an FD (spread over the curve, plus the chosen one; 0: no FD)")
-    p.add_argument("--fd-samples", type=int, default=100, help="images sampled per FD point")
-    p.add_argument("--fd-steps", type=int, default=10, help="dpm++ steps for the FD samples")
+                   help="engines folder: the checkpoint it was built from (default: the path recorded at build time)")
+    p.add_argument("--out", type=Path, default=None, help="checkpoint target: write the calibrated copy here")
+    p.add_argument("--policies", default="schedule,uem-time,uem",
+                   help="comma-separated policies to fit (schedule, uem-time, uem, saturation)")
+    add_budget_arguments(p)
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
-    from ..export.calibrate import calibrate_folder
+    from ..export.calibrate import calibrate_checkpoint, calibrate_folder
 
-    calibrate_folder(a.folder, checkpoint=a.checkpoint, thresholds=a.thresholds, target_layers=a.target_layers,
-                     max_mse=a.max_mse, batch=a.batch, fd_points=a.fd_points, fd_samples=a.fd_samples, fd_steps=a.fd_steps)
+    kw = budget_options(a)
+    kw["policies"] = _policies(a.policies)
+    target = a.target if a.target is not None else Path("engines")
+    if target.is_dir():
+        if a.out is not None:
+            raise ValueError("--out is for a checkpoint target; an engines folder is rewritten in place")
+        calibrate_folder(target, checkpoint=a.checkpoint, log=_log, **kw)
+    elif target.suffix == ".pt" or target.is_file():
+        if a.checkpoint is not None:
+            raise ValueError("--checkpoint is for an engines folder target; a checkpoint target is itself")
+        calibrate_checkpoint(target, a.out, log=_log, **kw)
+    else:
+        raise FileNotFoundError(f"{target} is neither an engines folder nor a checkpoint file")
     return 0
+
+
+def _policies(text: str) -> tuple:
+    known = ("schedule", "uem-time", "uem", "saturation")
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in names if v not in known]
+    if bad or "schedule" not in names:
+        raise ValueError(f"--policies takes {', '.join(known)} (schedule is always fitted: uem-time starts from it), "
+                         f"got {text!r}")
+    return names
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
