@@ -1,0 +1,86 @@
+"""The trade-off benchmark and calibrate's command line on a tiny model: every policy fitted to each budget,
+measured on the same samples, written as a table, JSON and pictures; adadiff_rt timing where it is built."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adadiff_export.cli import main
+from adadiff_export.quality.classifier import ClassifierConfig, FashionClassifier, feature_stats, save_classifier
+
+
+@pytest.fixture
+def classifier(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    clf = FashionClassifier(ClassifierConfig(width=8, feature_dim=8)).eval()
+    path = tmp_path / "clf.pt"
+    save_classifier(clf, path, 0.1, feature_stats(clf, torch.rand(50, 1, 8, 8) * 2 - 1), {})
+    return path
+
+
+def test_tradeoff_fits_measures_and_writes_every_policy(tiny_checkpoint, classifier, tmp_path, capsys, request):
+    timed = importlib.util.find_spec("adadiff_rt") is not None
+    checkpoint, extra = tiny_checkpoint, ["--no-time"]
+    if timed:  # the runtime tests' cached engines, with the very checkpoint they were built from (no rebuild)
+        from conftest import tiny_model
+        from runtime_engines import onnx_engines
+
+        engines = onnx_engines(request.config.cache.mkdir("adadiff_rt_engines"), tiny_model(uem_gain=20.0), 16)
+        checkpoint = Path(json.loads((engines / "manifest.json").read_text())["source"]["path"])
+        extra = ["--engines", str(engines)]
+    args = ["tradeoff", str(checkpoint), "--saved", "0.4", "--n", "8", "--cal-samples", "6",
+            "--classifier", str(classifier), "--out", str(tmp_path / "out"), "--repeats", "1", "--time-batch", "2",
+            *extra]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rec = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
+    kinds = [r["kind"] for r in rec["rows"]]
+    assert kinds[0] == "full" and {"static", "schedule", "uem-time", "uem", "saturation"} <= set(kinds)
+    budget = 0.6 * 5
+    fitted = [r for r in rec["rows"] if r["budget"] is not None]
+    assert all(r["budget"] == budget for r in fitted)
+    assert sorted(r["params"]["layer"] for r in rec["rows"] if r["kind"] == "static") == [3]
+    sched = next(r for r in fitted if r["kind"] == "schedule")
+    assert abs(sched["mean_layers"] - budget) <= 1.0  # the evaluation set meets the fitted budget within a layer
+    assert (tmp_path / "out" / "tradeoff_layers.png").stat().st_size > 1000
+    assert "| budget | policy |" in out and "not Inception FID" in out
+    if timed:
+        assert all(r["rt_ms"] > 0 for r in rec["rows"])
+        assert (tmp_path / "out" / "tradeoff_time.png").exists()
+
+
+def test_tradeoff_refuses_bad_budgets_before_work(tiny_checkpoint, capsys):
+    assert main(["tradeoff", str(tiny_checkpoint), "--saved", "1.2", "--no-time"]) == 2
+    assert "--saved" in capsys.readouterr().err
+
+
+def test_calibrate_checkpoint_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cal.pt"
+    rc = main(["calibrate", str(tiny_checkpoint), "--out", str(out), "--target-layers", "0.6", "--samples", "6",
+               "--bins", "2", "--policies", "schedule,uem"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "default policy:" in text and "schedule" in text
+    from adadiff_export.model.checkpoint import load
+    from adadiff_export.sampling.generate import exit_defaults
+
+    d = exit_defaults(load(out))
+    assert d.schedule is not None and d.policy in ("schedule", "uem")
+    rc = main(["sample", str(out), "--n", "2", "--steps", "3", "--out", str(tmp_path / "g.png"), "--json"])
+    assert rc == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["policy"] == d.policy
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--target-layers", "1.5"], "--target-layers"),
+    (["--samples", "1"], "--samples"),
+    (["--policies", "uem"], "schedule is always fitted"),
+])
+def test_calibrate_refuses_bad_flags_before_work(tiny_checkpoint, capsys, argv, message):
+    assert main(["calibrate", str(tiny_checkpoint), *argv]) == 2
+    assert message in capsys.readouterr().err
