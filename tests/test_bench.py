@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_export.bench import contenders, harness, quality, report
+from adadiff_export.bench import contenders, harness, report
 from adadiff_export.bench.config import BenchConfig
 from adadiff_export.bench.run import run as run_bench
+from adadiff_export.calibration.search import match_threshold
 from adadiff_export.sampling.early_exit import ExitPolicy, early_exit
 
 from conftest import tiny_model
@@ -45,7 +46,7 @@ def test_match_threshold_finds_the_oracle_saturation_threshold_for_a_layer_budge
 
     achievable = {mean_layers(th) for th in np.linspace(0.0, 3.0, 301)}
     for target in (1.5, 2.5, 3.2):
-        thr = quality.match_threshold(mean_layers, target)
+        thr = match_threshold(mean_layers, target)
         best = min(abs(a - target) for a in achievable)
         # bisection lands on a threshold at least as close to the budget as a fine grid does
         assert abs(mean_layers(thr) - target) <= best + 1e-9, (target, thr, mean_layers(thr))
@@ -55,9 +56,9 @@ def test_match_threshold_by_hand():
     # a step function: 4 layers below 0.1, 3 below 0.5, 2 below 2.0, then 1; brackets grow past 1.0
     steps = [(0.1, 4.0), (0.5, 3.0), (2.0, 2.0)]
     layers = lambda th: next((v for edge, v in steps if th < edge), 1.0)  # noqa: E731
-    assert layers(quality.match_threshold(layers, 3.0)) == 3.0
-    assert layers(quality.match_threshold(layers, 1.0)) == 1.0
-    assert layers(quality.match_threshold(layers, 2.2)) == 2.0
+    assert layers(match_threshold(layers, 3.0)) == 3.0
+    assert layers(match_threshold(layers, 1.0)) == 1.0
+    assert layers(match_threshold(layers, 2.2)) == 2.0
 
 
 def test_ideal_speedup_by_hand():
@@ -114,7 +115,12 @@ def _have_runtime() -> bool:
 
 @pytest.mark.skipif(not _have_runtime(), reason="needs the compiled adadiff_rt module and the exporter's build")
 def test_quick_bench_on_the_tiny_config(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    from adadiff_export.model import checkpoint as ckpt
     from adadiff_export.quality import metrics
+
+    raw = ckpt.read_raw(tiny_checkpoint)  # a calibrated default: a schedule by time
+    raw["defaults"].update(policy="schedule", schedule={"t_bounds": [0.5], "layers": [2, 4]})
+    ckpt.write_atomic(raw, tiny_checkpoint)
 
     clf_path = Path(metrics.SHIPPED_CLASSIFIER) if hasattr(metrics, "SHIPPED_CLASSIFIER") else None
     if clf_path is not None and not clf_path.exists():
@@ -125,10 +131,15 @@ def test_quick_bench_on_the_tiny_config(tiny_checkpoint: Path, tmp_path: Path, m
     res = run_bench(cfg, "test", json_path=tmp_path / "rows.json", progress=False)
     rows = json.loads((tmp_path / "rows.json").read_text())
     engines = {r["engine"] for r in rows}
-    assert {"torch-eager", "onnxruntime", "openvino", "torch-authors", "adadiff_rt"} <= engines
-    assert {"full", "uem", "static", "saturation"} <= {r["policy"] for r in rows}
+    assert {"torch-eager", "torch-compile", "onnxruntime", "openvino", "torch-authors", "adadiff_rt"} <= engines
+    assert {"full", "uem", "static", "saturation", "schedule"} <= {r["policy"] for r in rows}
     assert {r["workload"] for r in rows} == {"denoise", "sample"}
-    assert any(r["default"] for r in rows)
+    defaults = [r for r in rows if r["default"]]
+    assert defaults and all(r["policy"] == "schedule" and r["engine"] == "adadiff_rt" for r in defaults)
+    # the schedule's layers: 2 at t >= 0.5, 4 below; a 3-step run's times are 1.0, ~0.5 and t_eps
+    assert all(2.0 <= r["mean_layers"] <= 4.0 for r in defaults)
+    compiled = [r for r in rows if r["engine"] == "torch-compile"]
+    assert compiled and all(r["pred_mse"] < 1e-8 for r in compiled)  # torch.compile computes full depth
     full_rt = [r for r in rows if r["engine"] == "adadiff_rt" and r["policy"] == "full"]
     # threshold 0 runs every layer and matches PyTorch full depth
     assert all(r["mean_layers"] == 5 and r["pred_mse"] < 1e-8 for r in full_rt)

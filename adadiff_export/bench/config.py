@@ -27,10 +27,11 @@ class BenchConfig:
     threads: int = 0
     seed: int = 0
     engines_candidates: Tuple[Path, ...] = (Path("engines"),)  # reused when built from the same checkpoint
+    peers: Tuple[str, ...] = ("torch-eager", "torch-compile", "onnxruntime", "openvino")  # full-depth peers
 
     @staticmethod
     def quick(**kw) -> "BenchConfig":
-        base = dict(denoise_batches=(1, 64), sample_batches=(1, 8), sweep_batches=(8,), repeats=2,
+        base = dict(denoise_batches=(1, 64), sample_batches=(1, 64), sweep_batches=(64,), repeats=2,
                     n_quality=64, sweep=(1.0, 2.0), cifar_batches=(1,))
         base.update(kw)
         return BenchConfig(**base)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from ..model.uvit import UViT
+from ..sampling.early_exit import ExitPolicy
+from ..sampling.exit_settings import TimeTable
 from ..sampling.samplers import guided, sample_dpm_solver_pp
 from .harness import FULL_PEERS, Row
 
@@ -84,16 +86,23 @@ def openvino_full(path: Path, threads: int) -> Callable:
 
 @dataclass(frozen=True)
 class RtSetting:
-    """An adadiff_rt exit setting (policy `full` = uem at threshold 0)."""
+    """An adadiff_rt exit setting (policy `full` = uem at threshold 0); `table` for schedule and uem-time."""
 
     policy: str
     threshold: float = 0.0
     granularity: str = "sample"
     static_layer: int = 0
+    table: Optional[TimeTable] = None
+
+    @classmethod
+    def of(cls, p: ExitPolicy) -> "RtSetting":
+        return cls(p.kind, p.threshold, p.granularity, p.layer, p.table)
 
     def kwargs(self) -> Dict[str, object]:
         if self.policy == "static":
             return dict(policy="static", threshold=0.0, granularity=self.granularity, static_layer=self.static_layer)
+        if self.table is not None:
+            return dict(policy=self.policy, granularity=self.granularity, table=self.table.to_dict())
         return dict(policy=self.policy, threshold=self.threshold, granularity=self.granularity)
 
 
@@ -176,11 +185,18 @@ def full_depth_layers(n: int) -> Callable[[Callable, int], np.ndarray]:
     return lambda fn, b: np.full(b, n)
 
 
+def torch_compiled(model: UViT) -> Callable:
+    """`torch.compile(model)` (inductor on CPU), the first thing a PyTorch user tries; each batch size compiles
+    once during warm-up."""
+    compiled = torch.compile(model, dynamic=False)
+    return lambda x, t, y: compiled(x, t, y)
+
+
 def full_depth_peers(model: UViT, engines: Path, threads: int, schedule, guidance: float,
                      engines_used: Sequence[str] = FULL_PEERS) -> List[Contender]:
-    """The full-depth peers every speedup is measured against, in `engines_used` order: PyTorch eager on the
-    model, onnxruntime and OpenVINO (f32) on the folder's `full.onnx`."""
-    make = {"torch-eager": lambda: model,
+    """The full-depth peers every speedup is measured against, in `engines_used` order: PyTorch eager and
+    torch.compile on the model, onnxruntime and OpenVINO (f32) on the folder's `full.onnx`."""
+    make = {"torch-eager": lambda: model, "torch-compile": lambda: torch_compiled(model),
             "onnxruntime": lambda: onnxruntime_full(engines / "full.onnx", threads),
             "openvino": lambda: openvino_full(engines / "full.onnx", threads)}
     return [python_contender(name, "full", make[name](), full_depth_layers(model.depth), schedule=schedule,
@@ -204,7 +220,7 @@ def static_contenders(runtime, chained, layer: int, note: str, **rt) -> List[Con
 def rt_contender(runtime, s: RtSetting, steps: int, guidance: float, seed: int, **kw) -> Contender:
     den, smp = rt_denoise(runtime, s), rt_sample(runtime, s, steps, guidance, seed)
     policy = "full" if s.policy == "uem" and s.threshold == 0 else s.policy
-    thr = None if s.policy == "static" else s.threshold
+    thr = s.threshold if s.policy in ("uem", "saturation") else None
     return Contender("adadiff_rt", policy, s.granularity, thr, den, lambda noise, y, n: smp(noise, y, n),
                      static_layer=s.static_layer or None, **kw)
 
@@ -223,13 +239,15 @@ def engines_match(folder: Path, checkpoint: Path, max_batch: int = 1) -> bool:
         return False
 
 
-def ensure_engines(checkpoint: Path, folder: Path, max_batch: int) -> Path:
-    """Reuse `folder` when it was built from this very checkpoint with a large enough max batch; else build it."""
+def ensure_engines(checkpoint: Path, folder: Path, max_batch: int, build_max_batch: Optional[int] = None) -> Path:
+    """Reuse `folder` when it was built from this very checkpoint with at least `max_batch`; else build it (for
+    `build_max_batch` when given, so other commands can reuse the folder)."""
     if engines_match(folder, checkpoint, max_batch):
         return Path(folder)
     from ..export.build import build_engines
 
-    build_engines(checkpoint, folder, max_batch=max_batch, precision="fp32", tensorrt="off", force=True)
+    build_engines(checkpoint, folder, max_batch=max(max_batch, build_max_batch or 0), precision="fp32",
+                  tensorrt="off", force=True)
     return Path(folder)
 
 

@@ -47,19 +47,29 @@ def prepare_engines(engines: Path, checkpoint: Path, log: Callable[[str], None] 
     return did
 
 
-RT_FULL, RT_DEFAULT = "adadiff_rt, threshold 0 (all layers)", "adadiff_rt, default threshold"
+RT_FULL, RT_DEFAULT = "adadiff_rt, threshold 0 (all layers)", "adadiff_rt, default policy"
 
 
 def _contenders(loaded: Loaded, engines: Path, runtime, cfg: DemoConfig, thr: float, w: float) -> Dict[str, Contender]:
+    from .run import default_policy
+
     eager, openvino = full_depth_peers(loaded.model, engines, cfg.threads, loaded.schedule, w,
                                        engines_used=("torch-eager", "openvino"))
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
-    return {
+    default = default_policy(loaded)
+    out = {
         "PyTorch eager, full depth": eager,
         "OpenVINO f32, full graph": openvino,
         RT_FULL: rt_contender(runtime, RtSetting("uem", 0.0), **rt),
-        RT_DEFAULT: rt_contender(runtime, RtSetting("uem", thr), **rt),
+        f"{RT_DEFAULT} ({default.kind})": rt_contender(runtime, RtSetting.of(default), **rt),
     }
+    if default.kind != "uem":
+        out[f"adadiff_rt, paper's uem at {thr:g}"] = rt_contender(runtime, RtSetting("uem", thr), **rt)
+    return out
+
+
+def _default_key(results) -> str:
+    return next(k for k in results if k.startswith(RT_DEFAULT))
 
 
 def table(results: Dict[str, Quality], n_layers: int, steps: int) -> str:
@@ -102,13 +112,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log: Callable[[str], None] 
         results[name] = measure_quality(ct.sample, clf, shape, c.num_classes, cfg.n, chunk, cfg.steps, cfg.seed)
     # The baseline a learned exit has to beat: every sample stops after the same layer, at the
     # default's layer budget (OpenVINO runs it as one fused graph).
-    static = max(1, min(c.depth, int(round(results[RT_DEFAULT].mean_layers))))
+    static = max(1, min(c.depth, int(round(results[_default_key(results)].mean_layers))))
     ct = rt_contender(runtime, RtSetting("static", static_layer=static), steps=cfg.steps, guidance=w, seed=cfg.seed)
     results[f"adadiff_rt, static exit after layer {static}"] = measure_quality(ct.sample, clf, shape, c.num_classes,
                                                                                cfg.n, chunk, cfg.steps, cfg.seed)
     log(f"[3/4] results on {machine_line(machine())}")
     log(table(results, loaded.model.depth, cfg.steps))
-    log(f"default threshold: {thr:g}")
+    from .run import default_policy, policy_note
+
+    log(f"default policy: {policy_note(default_policy(loaded))}")
     log("[4/4] pictures")
     paths = _pictures(loaded, cts, cfg, thr, w)
     for p in paths:
@@ -122,16 +134,18 @@ def _pictures(loaded: Loaded, cts: Dict[str, Contender], cfg: DemoConfig, thr: f
     from ..sampling.generate import noise_and_labels
     from ..sampling.samplers import time_grid
     from . import figures as F
+    from .run import default_policy
 
     c = loaded.model.config
     noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, 16, cfg.seed)
     full_img, _ = cts[RT_FULL].sample(noise, labels, cfg.steps)
-    exit_img, used = cts[RT_DEFAULT].sample(noise, labels, cfg.steps)
+    exit_img, used = cts[_default_key(cts)].sample(noise, labels, cfg.steps)
     used = np.asarray(used)[:, :16]
     cfg.out.mkdir(parents=True, exist_ok=True)
     steps_t = time_grid(loaded.schedule, cfg.steps).numpy()[:-1]
     out = [F.plot_side_by_side(full_img, exit_img, cfg.out / "fig4_side_by_side.png", float(c.depth), float(used.mean())),
-           F.plot_exit_heatmap(used, steps_t, c.depth, cfg.out / "fig3_exit_heatmap.png", thr)]
+           F.plot_exit_heatmap(used, steps_t, c.depth, cfg.out / "fig3_exit_heatmap.png", thr,
+                               policy=f"default policy: {default_policy(loaded).kind}")]
     data = F.oracle_figure_data(loaded.model, loaded.schedule, thr, n=4, steps=cfg.steps, guidance=w, seed=cfg.seed)
     out.append(F.plot_layer_error(data.layer_error_t, data.layer_error, cfg.out / "fig1_layer_error.png"))
     out.append(F.plot_uncertainty_maps(data.u_maps, data.x0_preview, data.u_map_steps, data.step_times,

@@ -127,7 +127,7 @@ def plot_layer_error(ts: Sequence[float], error: np.ndarray, path: Path) -> Path
 
 # ----- Figure 3 ---------------------------------------------------------------
 def plot_exit_heatmap(layers_by_step: np.ndarray, step_times: np.ndarray, n_layers: int, path: Path,
-                      threshold: Optional[float] = None) -> Path:
+                      threshold: Optional[float] = None, policy: Optional[str] = None) -> Path:
     """Figure 3: the exit layer of every sample (x) at every sampling step (y)."""
     plt = _pyplot()
     steps, b = layers_by_step.shape
@@ -141,7 +141,7 @@ def plot_exit_heatmap(layers_by_step: np.ndarray, step_times: np.ndarray, n_laye
     ax.set_yticklabels([f"{k} (t={step_times[k]:.2f})" for k in ticks], fontsize=8)
     cb = fig.colorbar(im, ax=ax, ticks=range(1, n_layers + 1))
     cb.set_label("exit layer")
-    what = f", threshold {threshold:g}" if threshold is not None else ""
+    what = f", {policy}" if policy else (f", threshold {threshold:g}" if threshold is not None else "")
     ax.set_title(f"Exit layer by step and sample (Figure 3{what}; mean {layers_by_step.mean():.2f} of {n_layers})",
                  fontsize=10)
     return _save(fig, path)

@@ -159,7 +159,7 @@ def profile_segments(engines: Path, batch: int, threads: int = 0) -> SegmentCost
     return SegmentCosts(batch, costs["stem"], [costs[f"layer_{i}"] for i in range(1, n + 1)], costs["head"])
 
 
-FULL_PEERS = ("torch-eager", "onnxruntime", "openvino")
+FULL_PEERS = ("torch-eager", "torch-compile", "onnxruntime", "openvino")
 
 
 def finish_cell(cell: List[Tuple[Row, np.ndarray]], costs: SegmentCosts,

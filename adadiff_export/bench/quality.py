@@ -6,12 +6,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..calibration.search import match_threshold
 from ..model.checkpoint import Loaded
+from ..sampling.early_exit import ExitPolicy
 from ..quality.metrics import class_accuracy, fd_to_test_set
 from ..sampling.generate import noise_and_labels
 from .config import BenchConfig
@@ -45,36 +47,11 @@ def measure_quality(sample_fn: SampleFn, clf, shape: Tuple[int, int, int], num_c
     return Quality(fd_to_test_set(clf, images_t), acc, float(np.concatenate(layers).mean()), statistics.median(ms), chunk)
 
 
-def match_threshold(mean_layers: Callable[[float], float], target_layers: float, iters: int = 14) -> float:
-    """The threshold at which a policy exits after `target_layers` layers on average, by bisection.
-
-    `mean_layers(threshold)` runs the policy and returns its mean exit layer; it must fall as the threshold rises
-    (threshold 0 runs every layer). Saturation has to be matched on its own sampling trajectories: its scores
-    along a full-depth trajectory say little about the states an early-exit trajectory reaches.
-    """
-    seen: Dict[float, float] = {}
-
-    def layers(th: float) -> float:
-        if th not in seen:
-            seen[th] = mean_layers(th)
-        return seen[th]
-
-    lo, hi = 0.0, 1.0
-    while layers(hi) > target_layers and hi < 1e6:
-        lo, hi = hi, hi * 4
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if layers(mid) > target_layers:
-            lo = mid
-        else:
-            hi = mid
-    return min(seen, key=lambda th: (abs(seen[th] - target_layers), th))
-
-
 def quality_runs(loaded: Loaded, runtime, clf, cfg: BenchConfig, thr: float, w: float, sweep: Sequence[float],
-                 progress) -> Tuple[Dict[str, Quality], Dict[str, float]]:
-    """FD/accuracy for full depth, the uem sweep (both granularities at the default), static and saturation
-    matched to each uem point. Returns the qualities by key and the saturation thresholds by uem threshold."""
+                 progress, default: Optional[ExitPolicy] = None) -> Tuple[Dict[str, Quality], Dict[str, float]]:
+    """FD/accuracy for full depth, the default policy (when it is not the paper's uem), the uem sweep (both
+    granularities at the default threshold), static and saturation matched to each uem point. Returns the
+    qualities by key and the saturation thresholds by uem threshold."""
 
     c = loaded.model.config
     shape, chunk = (c.in_chans, c.img_size, c.img_size), min(64, cfg.n_quality)
@@ -89,6 +66,8 @@ def quality_runs(loaded: Loaded, runtime, clf, cfg: BenchConfig, thr: float, w: 
         return q[key]
 
     run("full", rt_contender(runtime, RtSetting("uem", 0.0), **rt).sample)
+    if default is not None and default.kind != "uem":
+        run(f"default/{default.kind}", rt_contender(runtime, RtSetting.of(default), **rt).sample)
     run(f"uem/batch/{thr:g}", rt_contender(runtime, RtSetting("uem", thr, "batch"), **rt).sample)
     probe = noise_and_labels(shape, c.num_classes, 4, cfg.seed + 7)
     sat_thr: Dict[str, float] = {}
@@ -111,6 +90,8 @@ def row_quality(r: Row, q: Dict[str, Quality], thr: float) -> Optional[Quality]:
     """The quality figures that belong to a timed row (its setting's sampling run)."""
     if r.policy == "full":
         return q.get("full")
+    if r.policy in ("schedule", "uem-time"):
+        return q.get(f"default/{r.policy}")
     if r.engine == "torch-authors":
         return q.get(f"uem/batch/{thr:g}")
     if r.policy == "static":

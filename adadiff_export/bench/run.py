@@ -14,6 +14,8 @@ from torch import Tensor
 
 from ..data import fashion_mnist_test_for
 from ..model.checkpoint import Loaded
+from ..sampling.early_exit import ExitPolicy
+from ..sampling.generate import default_guidance, default_threshold, exit_defaults, policy_label
 from .config import BenchConfig
 from .contenders import (CHAINED, AuthorsEarlyExit, Contender, RtSetting, authors_layers, engines_match, ensure_engines,
                          full_depth_peers, open_runtime, python_contender, rt_contender, static_contenders)
@@ -72,20 +74,27 @@ def time_cell(contenders: Sequence[Contender], model: str, workload: str, batch:
 
 def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: float, w: float,
                 static_layer: int, sat_threshold: float, sweep: Sequence[float]) -> List[Contender]:
-    """Every peer and every setting of ours, in table order."""
+    """Every peer and every setting of ours, in table order: the default policy (the checkpoint's) is marked."""
     m = loaded.model
     py = dict(schedule=loaded.schedule, guidance=w, null_class=m.config.num_classes)
     authors = AuthorsEarlyExit(m, thr)
     rt = dict(steps=cfg.steps, guidance=w, seed=cfg.seed)
     chained = open_runtime(engines, cfg.threads, fuse=False)
+    default = default_policy(loaded)
+    paper_default = default.kind == "uem"  # an uncalibrated checkpoint: the paper's rule is the default
     out = [
-        *full_depth_peers(m, engines, cfg.threads, loaded.schedule, w),
+        *full_depth_peers(m, engines, cfg.threads, loaded.schedule, w, engines_used=cfg.peers),
         python_contender("torch-authors", "uem", authors, authors_layers, granularity="batch", threshold=thr,
-                         default=True, note="head+UEM at every layer, one decision per batch", **py),
+                         default=paper_default, note="head+UEM at every layer, one decision per batch", **py),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
-        rt_contender(runtime, RtSetting("uem", thr, "sample"), default=True, **rt),
+    ]
+    if not paper_default:
+        out.append(rt_contender(runtime, RtSetting.of(default), default=True,
+                                note=f"the default: {policy_note(default)}", **rt))
+    out += [
+        rt_contender(runtime, RtSetting("uem", thr, "sample"), default=paper_default, note="the paper's rule", **rt),
         rt_contender(chained, RtSetting("uem", thr, "sample"), note=CHAINED, **rt),
-        rt_contender(runtime, RtSetting("uem", thr, "batch"), default=True, **rt),
+        rt_contender(runtime, RtSetting("uem", thr, "batch"), default=paper_default, **rt),
         *static_contenders(runtime, chained, static_layer, "matched layer budget", **rt),
         rt_contender(runtime, RtSetting("saturation", sat_threshold), note="matched layer budget", **rt),
     ]
@@ -93,6 +102,22 @@ def _contenders(loaded: Loaded, engines: Path, runtime, cfg: BenchConfig, thr: f
         if t != thr:
             out.append(rt_contender(runtime, RtSetting("uem", t, "sample"), in_sweep=True, **rt))
     return out
+
+
+def default_policy(loaded: Loaded) -> ExitPolicy:
+    """The checkpoint's default exit policy with its stored parameters."""
+    d = exit_defaults(loaded)
+    return ExitPolicy(d.policy, threshold=d.threshold, patience=d.patience, granularity=d.granularity,
+                      layer=d.layer, table=d.table_for(d.policy))
+
+
+def policy_note(p: ExitPolicy) -> str:
+    """What a table note says of a policy's parameters."""
+    if p.kind == "schedule":
+        return "exit layers by time bin " + ",".join(str(v) for v in p.table.min_layers)
+    if p.kind == "uem-time":
+        return "uem-time, " + ",".join(f"{lo}-{hi}" for lo, hi in zip(p.table.min_layers, p.table.max_layers))
+    return policy_label(p)
 
 
 def _cells(cfg: BenchConfig) -> List[Tuple[str, int]]:
@@ -112,7 +137,6 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     from tqdm import tqdm
 
     from ..quality.metrics import load_classifier
-    from ..sampling.generate import default_guidance, default_threshold
 
     thr = cfg.threshold if cfg.threshold is not None else default_threshold(loaded)
     w = cfg.guidance if cfg.guidance is not None else default_guidance(loaded)
@@ -127,7 +151,7 @@ def run_small(loaded: Loaded, checkpoint: Path, cfg: BenchConfig, progress: bool
     clf = load_classifier()
     n_quality_runs = 2 + 3 * len(sweep)
     bar = tqdm(total=n_quality_runs, desc="quality", disable=not progress, dynamic_ncols=True)
-    quality, sat_thr = quality_runs(loaded, runtime, clf, cfg, thr, w, sweep, bar)
+    quality, sat_thr = quality_runs(loaded, runtime, clf, cfg, thr, w, sweep, bar, default_policy(loaded))
     bar.close()
     figs = _figures(loaded, quality, thr, w, sat_thr, cfg)
     matched = quality[f"uem/sample/{thr:g}"].mean_layers
@@ -209,7 +233,8 @@ def run_cifar_shape(cfg: BenchConfig, static_layer: int, progress: bool = True) 
     rt = dict(steps=cfg.steps, guidance=1.0, seed=cfg.seed)
     note = "untrained weights; static exit at the shipped model's mean layers"
     cts = [
-        *full_depth_peers(loaded.model, engines, cfg.threads, loaded.schedule, 1.0),
+        *full_depth_peers(loaded.model, engines, cfg.threads, loaded.schedule, 1.0,
+                          engines_used=("torch-eager", "onnxruntime", "openvino")),
         rt_contender(runtime, RtSetting("uem", 0.0), **rt),
         *static_contenders(runtime, open_runtime(engines, cfg.threads, fuse=False), static_layer, note, **rt),
     ]

@@ -287,7 +287,6 @@ def _separating_threshold(u: np.ndarray) -> float:
 def chain_parity(model, schedule, folder: Path, manifest: Manifest, batch: int = 16, seed: int = 0,
                  threshold: Optional[float] = None, tolerance: float = TOLERANCES["fp32"]) -> ChainResult:
     """Stem, layers with exits and head through onnxruntime vs the PyTorch reference early exit."""
-    import torch
 
     from ..sampling.early_exit import ExitPolicy, early_exit
 
