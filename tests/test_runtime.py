@@ -5,6 +5,7 @@ The engines folder is a real build (build_engines) of a random tiny model, cache
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -315,10 +316,13 @@ def test_missing_file_is_named(folder_copy):
 
 def test_tampered_file_is_named(folder_copy):
     p = folder_copy / "head.onnx"
+    recorded = hashlib.sha256(p.read_bytes()).hexdigest()
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match=r"segment head.*sha256"):
+    found = hashlib.sha256(bytes(data)).hexdigest()
+    with pytest.raises(RuntimeError, match=f"segment head: file head.onnx does not match its sha256 in manifest.json "
+                                           f"\\(expected {recorded}, found {found}\\)"):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
@@ -335,10 +339,53 @@ def test_file_outside_the_folder_is_refused(folder_copy, name):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
-@pytest.mark.parametrize("text", ["", "{", '{"format": "adadiff-engines", "version": 1,}', "[1, 2]", '{"a": 1, "a": 2}'])
-def test_malformed_manifest(folder_copy, text):
+@pytest.mark.parametrize("text,message", [
+    ("", "malformed JSON: parse error at line 1, column 1: .*unexpected end of input"),
+    ("{", "malformed JSON: parse error at line 1, column 2: .*unexpected end of input"),
+    ('{"format": "adadiff-engines", "version": 1,}', "malformed JSON: parse error at line 1, column 44: .*unexpected '}'"),
+    ('{\n  "format": "adadiff-engines",\n  "version": 1\n  "model": {}\n}', "malformed JSON: parse error at line 4, column 9: .*expected '}'"),
+    ('{"format": "adadiff-engines", "version": tru}', "malformed JSON: parse error at line 1, column 45: .*invalid literal"),
+    ("[1, 2]", "manifest.json: document: expected an object, got array"),
+    ('{"a": 1, "a": 2}', 'manifest.json: document: duplicate key "a"'),
+])
+def test_malformed_manifest(folder_copy, text, message):
+    """Malformed JSON is named with its position; a document that is not an object, or an object
+    holding one key twice (ambiguous: which value did the exporter mean?), is refused."""
     (folder_copy / "manifest.json").write_text(text)
-    with pytest.raises(RuntimeError, match="manifest.json"):
+    with pytest.raises(RuntimeError, match=message):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+def test_duplicate_key_names_the_object(folder_copy):
+    path = folder_copy / "manifest.json"
+    text = path.read_text()
+    path.write_text(text.replace('"depth": 5', '"depth": 5, "depth": 7', 1))
+    with pytest.raises(RuntimeError, match='manifest.json: model: duplicate key "depth"'):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+    doc = json.loads(text)
+    head = next(i for i, s in enumerate(doc["segments"]) if s["name"] == "head")
+    path.write_text(json.dumps(doc, indent=1).replace('"kind": "head"', '"kind": "head", "kind": "layer"'))
+    with pytest.raises(RuntimeError, match=f'manifest.json: segments\\[{head}\\]: duplicate key "kind"'):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["segments"][3].update(file=7), "segment layer_3.file: expected a string, got number 7"),
+    (lambda d: d["model"].update(embed_dim="32"), 'model.embed_dim: expected an integer, got string "32"'),
+    (lambda d: d["model"].update(depth=5.5), "model.depth: expected an integer, got number 5.5"),
+    (lambda d: d.update(max_batch=[16]), "max_batch: expected an integer, got array"),
+    (lambda d: d["segments"][0]["inputs"][0].update(shape=["B", 1, "8", 8]),
+     r"segment stem.inputs\[0\].shape\[2\]: only the first dimension may be symbolic"),
+    (lambda d: d["exit"].update(threshold="0.1"), 'exit.threshold: expected a number, got string "0.1"'),
+    (lambda d: d.update(exit=[]), "exit: expected an object, got array"),
+    (lambda d: d.update(segments={}), "segments: expected an array, got object"),
+    (lambda d: d.pop("schedule"), "document: missing field 'schedule'"),
+])
+def test_wrong_types_name_the_field(folder_copy, edit, message):
+    """A value of the wrong type is named by its path and shows what was found (an exit field of the
+    wrong type used to fall back to the default silently)."""
+    _edit_manifest(folder_copy, edit)
+    with pytest.raises(RuntimeError, match=message):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
