@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -138,17 +139,28 @@ std::string Manifest::verified_path(const std::string& what, const std::string& 
   if (!is_plain_file_name(file))
     throw std::runtime_error("manifest: " + what + " names file '" + file +
                              "', which is not a plain file name inside the engines folder");
-  std::string path = dir + "/" + file;
+  // A plain name may still be a symbolic link: its target must lie in the folder itself, the rule
+  // Python's manifest.check_files applies (the file's real path directly inside the folder's).
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path real = fs::canonical(fs::path(dir) / file, ec);
+  if (ec)
+    throw std::runtime_error(what + ": file " + file + " is missing or unreadable (" + dir + "/" + file + ": " +
+                             ec.message() + ")");
+  const fs::path real_dir = fs::canonical(dir, ec);
+  if (ec || real.parent_path() != real_dir)
+    throw std::runtime_error(what + ": file " + file + " resolves to " + real.string() + ", outside the engines folder " +
+                             (ec ? dir : real_dir.string()) + " (a link in the folder may point only to a file in it)");
   std::string got;
   try {
-    got = sha256_file(path);
+    got = sha256_file(real.string());
   } catch (const std::exception& e) {
     throw std::runtime_error(what + ": file " + file + " is missing or unreadable (" + e.what() + ")");
   }
   if (got != sha)
     throw std::runtime_error(what + ": file " + file + " does not match its sha256 in manifest.json (expected " +
                              sha + ", found " + got + "); the engines folder was modified or is damaged");
-  return path;
+  return real.string();
 }
 
 int TimeTable::bin(float t) const {

@@ -96,7 +96,8 @@ struct Manifest {
 
   const SegmentDesc& segment(const std::string& name) const;
   int segment_index(const std::string& name) const;
-  // Full path of `file` after checking its sha256; throws naming the segment and file.
+  // The real path of `file` after checking that it lies in the folder (a symbolic link may point only
+  // inside it) and has its sha256; throws naming the segment and file.
   std::string verified_path(const std::string& what, const std::string& file, const std::string& sha) const;
 };
 

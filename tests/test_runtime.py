@@ -339,6 +339,31 @@ def test_file_outside_the_folder_is_refused(folder_copy, name):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
+def test_links_may_point_only_inside_the_folder(folder_copy, tmp_path):
+    """A plain file name that is a symbolic link: loaded when it points to a file in the folder, refused
+    when it points outside it, by the runtime as by verify (one rule: the real path's folder)."""
+    from adadiff_export.export import manifest as mf
+
+    head = folder_copy / "head.onnx"
+    head.rename(folder_copy / "head.real")
+    head.symlink_to("head.real")
+    adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+    outside = tmp_path / "elsewhere.onnx"
+    (folder_copy / "head.real").rename(outside)
+    head.unlink()
+    head.symlink_to(outside)
+    message = f"segment head: file head.onnx resolves to {outside}, outside the engines folder {folder_copy}"
+    with pytest.raises(RuntimeError, match=message):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.load(folder_copy)
+    linked = tmp_path / "linked"
+    head.unlink()
+    outside.rename(head)
+    linked.symlink_to(folder_copy)  # the folder itself may be a link
+    adadiff_rt.Runtime(str(linked), cache_dir="")
+
+
 @pytest.mark.parametrize("text,message", [
     ("", "malformed JSON: parse error at line 1, column 1: .*unexpected end of input"),
     ("{", "malformed JSON: parse error at line 1, column 2: .*unexpected end of input"),
