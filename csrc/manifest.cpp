@@ -546,6 +546,8 @@ std::string read_text(const std::string& path) {
 
 }  // namespace
 
+ModelDesc model_from_json(const std::string& text) { return parse_model(parse_document(text, "model")); }
+
 Manifest load_manifest(const std::string& dir) {
   Manifest m;
   m.dir = dir;

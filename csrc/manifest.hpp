@@ -1,4 +1,4 @@
-// engines/manifest.json (docs/MANIFEST.md, version 1): parsed and validated once per Runtime.
+// engines/manifest.json (docs/MANIFEST.md): parsed and validated once per Runtime.
 #pragma once
 
 #include <cstdint>
@@ -107,6 +107,10 @@ constexpr int kOldestManifestVersion = 1;
 
 // Reads and validates <dir>/manifest.json; throws std::runtime_error naming the field at fault.
 Manifest load_manifest(const std::string& dir);
+
+// The manifest's "model" object (JSON text) as load_manifest reads and checks it: for sizing a
+// Runtime before a folder exists (`build --max-batch` asks adadiff_rt.check_memory).
+ModelDesc model_from_json(const std::string& text);
 
 // A file name the manifest may use: plain, inside the folder (no '/', '\\', "..", not absolute).
 bool is_plain_file_name(const std::string& name);

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -479,3 +480,63 @@ def test_device_and_engine_choices(engines):
     if not (adadiff_rt.has_cuda and torch.cuda.is_available()):
         with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
             adadiff_rt.Runtime(str(engines), device="cuda")
+    with pytest.raises(ValueError, match="engine='openvino' runs on device='cpu' only"):
+        adadiff_rt.Runtime(str(engines), device="cuda", engine="openvino")
+    with pytest.raises(ValueError, match="engine='dlpack' runs the caller's callables"):
+        adadiff_rt.Runtime(str(engines), engine="dlpack")
+
+
+def test_options_an_engine_cannot_honour_are_refused(folder_copy):
+    """precision and threads used to be ignored silently by TensorRT and the DLPack callables: each is
+    refused, naming what the engine does instead, before any device or engine is touched."""
+    plans = {s["name"]: {"file": f"{s['name']}.plan", "sha256": "0" * 64}
+             for s in json.loads((folder_copy / "manifest.json").read_text())["segments"]}
+    _edit_manifest(folder_copy, lambda d: d.update(tensorrt={
+        "version": "10.9", "gpu_arch": "sm_90", "precision": "fp16", "profile": {"min": 1, "opt": 4, "max": 16},
+        "plans": plans}))
+    trt = dict(device="cuda", engine="tensorrt")
+    for kw, message in [(dict(trt, precision="fp32"), "precision='fp32' cannot be honoured by engine='tensorrt': "
+                                                      "the folder's plans were built in fp16"),
+                        (dict(trt, threads=2), "threads=2 cannot be honoured by engine='tensorrt'"),
+                        (dict(segments={}, threads=1), "threads=1 cannot be honoured by engine='dlpack'"),
+                        (dict(segments={}, precision="fp32"), "precision='fp32' cannot be honoured by engine='dlpack'"),
+                        (dict(precision="fp16"), "precision must be 'fp32' or 'bf16' for OpenVINO, got 'fp16'")]:
+        with pytest.raises(ValueError, match=message):
+            adadiff_rt.Runtime(str(folder_copy), **kw)
+    if not (adadiff_rt.has_cuda and torch.cuda.is_available()):  # the plans' own precision passes the check
+        with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
+            adadiff_rt.Runtime(str(folder_copy), precision="fp16", **trt)
+
+
+def test_huge_max_batch_fails_fast_naming_the_memory(folder_copy):
+    """max_batch 10^7 used to make the runtime zero hundreds of GB until the OOM killer ended it:
+    the runtime, and check_engines (verify), refuse it before allocating, naming what it needs
+    and what is free. Run under a 16 GiB address-space limit, so a regression fails this test
+    with MemoryError instead of taking the machine's memory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    _edit_manifest(folder_copy, lambda d: d.update(max_batch=10**7))
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+        import adadiff_rt
+        for load in (lambda: adadiff_rt.Runtime({str(folder_copy)!r}, cache_dir=""),
+                     lambda: adadiff_rt.check_engines({str(folder_copy)!r})):
+            try:
+                load()
+                print("LOADED")
+            except RuntimeError as e:
+                print(e)
+        """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout
+    for line in lines:
+        assert line.startswith(f"{folder_copy}/manifest.json: max_batch 10000000 needs "), line
+        assert re.search(r"needs [\d.]+ GiB of host memory for adadiff_rt's buffers \(20000000 rows", line), line
+        assert re.search(r"; (MemAvailable in /proc/meminfo|the cgroup's memory.max less memory.current) is "
+                         r"[\d.]+ [KMGT]?i?B\. Rebuild the engines with a smaller max_batch", line), line
