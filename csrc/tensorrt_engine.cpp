@@ -141,7 +141,10 @@ class TensorRtEngine final : public Engine {
     Plan& p = plans_[seg];
     p.engine.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
     if (!p.engine)
-      throw std::runtime_error("TensorRT: cannot deserialize " + plan.file + " (built for another TensorRT version or GPU?): " +
+      throw std::runtime_error("TensorRT: cannot deserialize " + plan.file + ": manifest.json says the plans were built by TensorRT " +
+                               m_.tensorrt.version + " for " + (m_.tensorrt.gpu_arch.empty() ? "an unrecorded GPU" : m_.tensorrt.gpu_arch) +
+                               ", and a plan runs only with that TensorRT version on that GPU architecture (this is TensorRT " +
+                               std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) + "): " +
                                logger_.last_error);
     for (const auto* list : {&s.inputs, &s.outputs})
       for (const TensorDesc& t : *list)
