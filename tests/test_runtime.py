@@ -511,16 +511,22 @@ def test_options_an_engine_cannot_honour_are_refused(folder_copy):
 def test_huge_max_batch_fails_fast_naming_the_memory(folder_copy):
     """max_batch 10^7 used to make the runtime zero hundreds of GB until the OOM killer ended it:
     the runtime, and check_engines (verify), refuse it before allocating, naming what it needs
-    and what is free. Run under a 16 GiB address-space limit, so a regression fails this test
-    with MemoryError instead of taking the machine's memory."""
+    and what is free. Run with allocations capped (a 16 GiB address-space limit; under
+    AddressSanitizer, which reserves terabytes of address space, its 4 GiB soft RSS limit), so a
+    regression fails this test with MemoryError instead of taking the machine's memory."""
     import subprocess
     import sys
     import textwrap
 
     _edit_manifest(folder_copy, lambda d: d.update(max_batch=10**7))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    asan = "asan" in env.get("LD_PRELOAD", "")
+    if asan:
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":allocator_may_return_null=1:soft_rss_limit_mb=4096"
     script = textwrap.dedent(f"""
         import resource, sys
-        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+        if not {asan}:
+            resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
         import adadiff_rt
         for load in (lambda: adadiff_rt.Runtime({str(folder_copy)!r}, cache_dir=""),
                      lambda: adadiff_rt.check_engines({str(folder_copy)!r})):
@@ -530,7 +536,6 @@ def test_huge_max_batch_fails_fast_naming_the_memory(folder_copy):
             except RuntimeError as e:
                 print(e)
         """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
