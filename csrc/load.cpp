@@ -68,10 +68,15 @@ int capacity_for(const Manifest& m, const std::string& kind) {
 
 bool has_maps(const Manifest& m) { return m.segments[1].outputs.size() == 3; }
 
-// require_memory, its message naming the manifest whose max_batch is at fault.
-void require_memory(const Manifest& m, int capacity, const Ops& ops) {
+MemoryCheck memory_check(const ModelDesc& model, int max_batch, int capacity, bool u_map, const Ops& ops) {
+  require_memory(model, max_batch, capacity, u_map, ops);
+  return MemoryCheck{capacity, Runtime::memory_needed(model, capacity, u_map), ops.free_memory()};
+}
+
+// The same for a folder, the message naming the manifest whose max_batch is at fault.
+MemoryCheck memory_check(const Manifest& m, int capacity, const Ops& ops) {
   try {
-    adadiff::require_memory(m.model, m.max_batch, capacity, has_maps(m), ops);
+    return memory_check(m.model, m.max_batch, capacity, has_maps(m), ops);
   } catch (const std::runtime_error& e) {
     throw std::runtime_error(m.dir + "/manifest.json: " + e.what());
   }
@@ -93,11 +98,16 @@ EnginesCheck check_engines(const std::string& dir, const std::string& device, in
     ++c.files;
   }
   const std::unique_ptr<Ops> ops = make_ops(device, device_id);
-  c.capacity = capacity_for(m, device == "cuda" && m.tensorrt.present ? "tensorrt" : "openvino");
-  c.memory_needed = Runtime::memory_needed(m.model, c.capacity, has_maps(m));
-  c.memory_free = ops->free_memory();
-  require_memory(m, c.capacity, *ops);
+  c.memory = memory_check(m, capacity_for(m, device == "cuda" && m.tensorrt.present ? "tensorrt" : "openvino"), *ops);
   return c;
+}
+
+MemoryCheck check_memory(const ModelDesc& model, int64_t max_batch, bool u_map, const std::string& device,
+                         int device_id) {
+  if (max_batch < 1 || max_batch > 1000000000)  // the manifest's integers stop at 10^9
+    invalid("max_batch must be in 1..1000000000, got " + std::to_string(max_batch));
+  const std::unique_ptr<Ops> ops = make_ops(device, device_id);
+  return memory_check(model, int(max_batch), int(2 * max_batch), u_map, *ops);
 }
 
 std::unique_ptr<Runtime> open_runtime(const std::string& dir, const RuntimeOptions& o, const EngineMaker& make_engine) {
@@ -108,7 +118,7 @@ std::unique_ptr<Runtime> open_runtime(const std::string& dir, const RuntimeOptio
   std::unique_ptr<Ops> ops = make_ops(o.device, o.device_id);
   const int capacity = capacity_for(m, kind);
   // Before an engine compiles: OpenVINO's compile takes seconds, and the answer does not depend on it.
-  require_memory(m, capacity, *ops);
+  memory_check(m, capacity, *ops);
   std::unique_ptr<Engine> engine;
   if (kind == "dlpack") {
     engine = make_engine(m, ops.get(), capacity);

@@ -35,12 +35,16 @@ struct RuntimeOptions {
 // and the device are known; `capacity` is the most rows one run gets.
 using EngineMaker = std::function<std::unique_ptr<Engine>(const Manifest& m, Ops* ops, int capacity)>;
 
+struct MemoryCheck {
+  int capacity = 0;     // rows a Runtime's buffers hold (2 x max_batch, but for TensorRT its plans' profile)
+  uint64_t needed = 0;  // bytes of those buffers
+  FreeMemory free;      // what the device has free
+};
+
 struct EnginesCheck {
   Manifest manifest;
-  int files = 0;               // files checked (plain name, real path inside the folder, sha256)
-  int capacity = 0;            // rows a Runtime's buffers hold on `device` (2 x max_batch but for TensorRT)
-  uint64_t memory_needed = 0;  // bytes of those buffers
-  FreeMemory memory_free;      // what the device has free
+  int files = 0;  // files checked (plain name, real path inside the folder, sha256)
+  MemoryCheck memory;
 };
 
 // What loading `dir` checks before any engine compiles, without compiling: the manifest (schema,
@@ -49,6 +53,12 @@ struct EnginesCheck {
 // the host; "cuda": GPU `device_id`). Throws naming what is wrong. `python -m adadiff_export
 // verify` runs it, so verify and the runtime refuse the same folders.
 EnginesCheck check_engines(const std::string& dir, const std::string& device = "cpu", int device_id = 0);
+
+// The memory a Runtime for `model`, built for `max_batch` (1..10^9), needs on `device`
+// (2 x max_batch rows, as OpenVINO and the callables run), against what is free there; throws as
+// require_memory does when it does not fit. `build --max-batch` asks it before a folder exists.
+MemoryCheck check_memory(const ModelDesc& model, int64_t max_batch, bool u_map, const std::string& device = "cpu",
+                         int device_id = 0);
 
 // Loads `dir` for inference: the options checked against the folder (an option the chosen engine
 // cannot honour is refused, not ignored), the memory checked, then the engine (compiled from the

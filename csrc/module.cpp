@@ -284,12 +284,12 @@ py::dict model_dict(const Manifest& m) {
 
 py::object bytes_or_none(uint64_t b) { return b == UINT64_MAX ? py::none() : py::object(py::int_(b)); }
 
-py::dict memory_dict(int capacity, uint64_t needed, const FreeMemory& free) {
+py::dict memory_dict(const MemoryCheck& m) {
   py::dict d;
-  d["capacity"] = capacity;
-  d["needed"] = needed;
-  d["free"] = bytes_or_none(free.bytes);
-  d["source"] = free.source;
+  d["capacity"] = m.capacity;
+  d["needed"] = m.needed;
+  d["free"] = bytes_or_none(m.free.bytes);
+  d["source"] = m.free.source;
   return d;
 }
 
@@ -304,20 +304,15 @@ py::dict check_folder(const std::string& dir, const std::string& device, int dev
   d["depth"] = c->manifest.model.depth;
   d["max_batch"] = c->manifest.max_batch;
   d["files"] = c->files;
-  d["memory"] = memory_dict(c->capacity, c->memory_needed, c->memory_free);
+  d["memory"] = memory_dict(c->memory);
   return d;
 }
 
+// `model` goes through the manifest's own reader (as JSON), so it is checked as a folder's would be.
 py::dict check_memory_for(const py::dict& model, int64_t max_batch, bool u_map, const std::string& device,
                           int device_id) {
-  if (max_batch < 1 || max_batch > 1000000000)
-    throw py::value_error("max_batch must be in 1..1000000000, got " + std::to_string(max_batch));
   const ModelDesc desc = model_from_json(py::str(py::module_::import("json").attr("dumps")(model)));
-  if (device != "cpu" && device != "cuda") throw py::value_error("device must be 'cpu' or 'cuda', got '" + device + "'");
-  const std::unique_ptr<Ops> ops = device == "cpu" ? make_cpu_ops() : make_cuda_ops(device_id);
-  const int capacity = int(2 * max_batch);
-  require_memory(desc, int(max_batch), capacity, u_map, *ops);
-  return memory_dict(capacity, Runtime::memory_needed(desc, capacity, u_map), ops->free_memory());
+  return memory_dict(check_memory(desc, max_batch, u_map, device, device_id));
 }
 
 }  // namespace
