@@ -236,7 +236,7 @@ def test_verify_reports_the_runtime_checks(built, capsys):
     import_runtime()
     assert main(["verify", str(built[0]), "--no-parity"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"runtime: adadiff_rt \S+ accepts the folder: manifest version 1, 8 files with matching sha256 "
+    assert re.search(r"runtime: adadiff_rt \S+ accepts the folder: manifest version 2, 8 files with matching sha256 "
                      r"inside .*; buffers for 16 rows take [\d.]+ KiB, [\d.]+ GiB free \(", out), out
 
 
