@@ -149,7 +149,7 @@ def format_report(report: CalibrationReport, depth: int) -> str:
             mark = " *" if f is b.best else ""
             lines.append(f"{b.budget:7.2f} {kind:>10} {f.mean_layers:7.2f} {100 * (1 - f.mean_layers / depth):5.1f}% "
                          f"{f.j:10.3g}  {_params(f.policy)}{mark}")
-    lines.append("* the policy stored as the default for that budget")
+    lines.append("* the lowest J at that budget: the default unless --default names another")
     return "\n".join(lines)
 
 
