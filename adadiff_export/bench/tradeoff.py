@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..calibration.calibrate import DEFAULT_SAMPLES, calibrate_exits, format_report
+from ..calibration.calibrate import DEFAULT_SAMPLES, FITTABLE, calibrate_exits, format_report
 from ..model.checkpoint import Loaded
 from ..quality.metrics import FD_NOTE, LoadedClassifier
 from ..sampling.early_exit import FULL_DEPTH, ExitPolicy
@@ -93,7 +93,7 @@ def run_tradeoff(loaded: Loaded, engines: Optional[Path], clf: LoadedClassifier,
     budgets = budgets_of(depth, saved)
     guidance = exit_defaults(loaded).guidance
     report = calibrate_exits(loaded, budgets, samples=cal_samples, guidance=guidance,
-                             policies=("schedule", "uem-time", "uem", "saturation"), progress=log)
+                             policies=FITTABLE, progress=log)
     log(format_report(report, depth))
     fitted = [(b.budget, f.policy) for b in report.budgets for f in b.fits.values()]
     statics = [ExitPolicy("static", layer=k) for k in static_layers_around(budgets, depth)]

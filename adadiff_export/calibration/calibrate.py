@@ -19,6 +19,7 @@ from .search import UEM_WIDTHS, ScheduleFit, Searcher, bins_of, match_threshold,
 
 DEFAULT_SAMPLES = 128
 DEFAULT_BINS = 10
+FITTABLE = ("schedule", "uem-time", "uem", "saturation")  # the policies calibrate_exits can fit
 MATCH_SAMPLES = 32  # matching a threshold to a budget needs only mean exit layers: a smaller set
 
 

@@ -9,6 +9,8 @@ from .build import add_budget_arguments, budget_options
 
 def add_parser(sub) -> None:
     """Register `calibrate`."""
+    from ..calibration.calibrate import FITTABLE
+
     p = sub.add_parser(
         "calibrate", help="fit the exit policies (schedule, uem-time, uem) to a budget and store the best as default",
         description="Fit the exit policies to a layer budget (--target-layers) or a quality budget (--max-shift) on "
@@ -25,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="checkpoint target: write the calibrated copy here")
     p.add_argument("--policies", default="schedule,uem-time,uem",
                    help="comma-separated policies to fit (schedule, uem-time, uem, saturation)")
-    p.add_argument("--default", default=None, choices=("schedule", "uem-time", "uem", "saturation"),
+    p.add_argument("--default", default=None, choices=FITTABLE,
                    help="the policy stored as the default (one of --policies); without it, the one whose finished "
                         "samples moved least on the calibration set. Use it when a larger evaluation (`tradeoff`) "
                         "ranks the policies otherwise than 128 calibration samples can")
@@ -56,7 +58,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def _policies(text: str) -> tuple:
-    known = ("schedule", "uem-time", "uem", "saturation")
+    from ..calibration.calibrate import FITTABLE as known
+
     names = tuple(v.strip() for v in text.split(",") if v.strip())
     bad = [v for v in names if v not in known]
     if bad or "schedule" not in names:
