@@ -49,6 +49,21 @@ def test_uem_matches_oracle(rt, rt_chained, model, batch, granularity, fused):
     assert_engine_calls(runtime, layer, batch, granularity, fused)
 
 
+@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
+def test_uem_authors_matches_oracle_chained(rt, model, batch):
+    """The authors' rule (one decision for the batch, in blocks at the second trigger): the exit graph
+    declines it, the chain decides as the oracle does."""
+    x, t, y = inputs(model, batch, seed=30 + batch)
+    _, _, u_all = oracle(model, x, t, y, threshold=0.0)
+    means = np.sort(np.nanmean(u_all[:, :-1], axis=0))
+    seen = set()
+    for thr in (means[:-1] + means[1:]) / 2:
+        layer = assert_parity(rt, model, x, t, y, policy="uem-authors", threshold=float(thr), granularity="batch")
+        assert rt.engine_calls >= 2 + layer.max()
+        seen.add(int(layer[0]))
+    assert len(seen) >= 2, seen
+
+
 @pytest.mark.parametrize("patience", [1, 2])
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
 def test_exit_graph_two_rows(rt, rt_chained, model, patience, granularity):

@@ -43,16 +43,20 @@ def guided(denoiser: Denoiser, guidance: float, null_class: int) -> Denoiser:
     """Classifier-free guidance: eps = eps_u + w (eps_c - eps_u), one batched call for both.
 
     w = 1 is the plain conditional model (no extra pass). The unconditional half
-    uses class `null_class`.
+    uses class `null_class`. A denoiser with a `call_groups(x, t, y, groups)` method is told
+    that the call stacks two batches (early_exit.EarlyExitDenoiser: exit rules that decide per
+    batch decide per half there, as two separate calls would).
     """
     if guidance == 1.0:
         return denoiser
+    call = getattr(denoiser, "call_groups", None)
 
     def fn(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
         null = torch.full_like(y, null_class)
-        eps = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        eps = call(*args, 2) if call is not None else denoiser(*args)
         cond, uncond = eps.chunk(2)
         return uncond + guidance * (cond - uncond)
 
