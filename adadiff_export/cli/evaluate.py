@@ -47,7 +47,7 @@ def _row(name: str, p, depth: int) -> str:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from ..model import checkpoint as ckpt
     from ..quality.metrics import FD_NOTE, load_classifier
-    from ..sampling.generate import evaluate, exit_defaults
+    from ..sampling.generate import THRESHOLD_POLICIES, evaluate, exit_defaults
 
     if a.n < 2:
         raise ValueError(f"--n must be >= 2 (FD needs a covariance), got {a.n}")
@@ -65,8 +65,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     from ..sampling.early_exit import ExitPolicy
 
-    if sweep and policy.kind not in ("uem", "saturation"):
-        raise ValueError(f"--sweep varies the threshold of --policy uem or saturation, not {policy.kind}")
+    if sweep and policy.kind not in THRESHOLD_POLICIES:
+        raise ValueError(f"--sweep varies the threshold of --policy {', '.join(THRESHOLD_POLICIES)}, not {policy.kind}")
     policies = [policy] + [replace(policy, threshold=t) for t in sweep if t != policy.threshold]
     policies += [ExitPolicy("static", layer=k) for k in layers]
     full, points = evaluate(loaded, clf, a.n, policies, a.sampler, a.steps, a.guidance, a.seed, a.batch_size,

@@ -22,6 +22,7 @@ from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
 from .exit_settings import ExitDefaults
 from .samplers import Denoiser, guided, sample, steps_for
 MAX_RT_SEED = 2 ** 64 - 1  # adadiff_rt's sample() takes its seed as uint64
+THRESHOLD_POLICIES = ("uem", "saturation", "uem-authors")  # one threshold, which --sweep varies
 
 
 @dataclass
@@ -163,7 +164,7 @@ def policy_label(policy: ExitPolicy) -> str:
     """A short name for a policy in tables: `uem 0.1`, `static L6`, `schedule`, `full`, ..."""
     if policy.kind == "static":
         return "full" if policy.layer == 0 else f"static L{policy.layer}"
-    if policy.kind in ("uem", "saturation"):
+    if policy.kind in THRESHOLD_POLICIES:
         return f"{policy.kind} {policy.threshold:g}"
     return policy.kind
 
@@ -185,7 +186,7 @@ class EvalPoint:
     def as_dict(self) -> Dict[str, object]:
         p = self.policy
         d: Dict[str, object] = {"name": self.name, "policy": p.kind}
-        if p.kind in ("uem", "saturation"):
+        if p.kind in THRESHOLD_POLICIES:
             d["threshold"] = p.threshold
         if p.kind == "static":
             d["layer"] = p.layer
