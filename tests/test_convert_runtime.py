@@ -135,3 +135,24 @@ def test_uem_authors_is_refused_per_sample(built):
         rt.denoise(x.numpy(), t.numpy(), None, policy="uem-authors", threshold=0.1, granularity="sample")
     with pytest.raises(ValueError, match="patience"):
         rt.denoise(x.numpy(), t.numpy(), None, policy="uem-authors", threshold=0.1, patience=2)
+
+
+def test_sample_command_runs_the_authors_file_on_both_backends_alike(built, capsys, tmp_path):
+    """Unconditional, straight from the .pth (converted in memory), the authors' rule by default, Euler-Maruyama:
+    torch and adadiff_rt give the same exits and images (the same noise for the same seed and batch size)."""
+    root, _, _ = built
+    runs = {}
+    for backend in ("torch", "rt"):
+        assert main(["sample", str(root / "nnet_ema.pth"), "--n", "6", "--steps", "4", "--sampler", "euler",
+                     "--batch-size", "6", "--seed", "1", "--json", "--backend", backend, "--engines",
+                     str(root / "uncond"), "--out", str(tmp_path / f"{backend}.png")]) == 0
+        out = capsys.readouterr().out
+        assert "detected: AdaDiff" in out
+        runs[backend] = json.loads(out.strip().splitlines()[-1])
+    assert runs["torch"]["policy"] == "uem-authors" and runs["torch"]["granularity"] == "batch"
+    assert runs["rt"]["layers_by_step"] == runs["torch"]["layers_by_step"]
+    assert runs["rt"]["image_mean"] == pytest.approx(runs["torch"]["image_mean"], abs=1e-4)
+    assert runs["rt"]["image_std"] == pytest.approx(runs["torch"]["image_std"], abs=1e-4)
+    assert main(["sample", str(root / "nnet_ema.pth"), "--guidance", "2", "--n", "2", "--steps", "1",
+                 "--out", str(tmp_path / "g.png")]) == 2
+    assert "unconditional" in capsys.readouterr().err

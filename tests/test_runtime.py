@@ -217,6 +217,23 @@ def test_stochastic_samplers_are_reproducible_per_seed(rt, model):
     assert not np.array_equal(a, c) and not np.array_equal(d, e)
 
 
+@pytest.mark.parametrize("sampler,kw", [("euler", {}), ("ddim", {"eta": 1.0})])
+def test_stochastic_samplers_match_python_given_the_runtime_noise(rt, model, sampler, kw):
+    """samplers.CounterNormal(seed) draws adadiff_rt's normals: the same exits and images for the same seed."""
+    from adadiff_export.sampling.samplers import CounterNormal
+
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([2, 7, 0])
+    steps, thr = 6, 0.5
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=steps, guidance=2.0, threshold=thr,
+                             seed=123, **kw)
+    den = EarlyExitDenoiser(model, ExitPolicy(threshold=thr))
+    ref = py_sample(sampler, guided(den, 2.0, model.config.num_classes), noise.clone(), VPSchedule(), steps, y=y,
+                    generator=CounterNormal(123), **kw)
+    np.testing.assert_array_equal(used, den.layers_by_step().numpy())
+    assert rel_err(images, ref.numpy()) <= TOL
+
+
 @pytest.mark.parametrize("granularity", ["sample", "batch"], ids=["chained", "exit-graph"])
 def test_four_threads_each_with_a_runtime_match_one(engines, model, granularity):
     x, t, y = inputs(model, MAX_BATCH, seed=8)

@@ -107,7 +107,9 @@ def add_parser(sub) -> None:
     add_exit_arguments(p)
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
-    p.add_argument("--batch-size", type=int, default=100, help="images per sampler call (torch backend)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per sampler run (rt: at most what the engines' max_batch holds); chunk k draws the "
+                        "stochastic samplers' noise with seed + k, so torch and rt agree at the same batch size")
     p.add_argument("--backend", choices=["torch", "rt"], default="torch",
                    help="torch: the PyTorch reference; rt: the adadiff_rt C++ runtime over built engines")
     p.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder for --backend rt")
@@ -150,7 +152,10 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     guidance = run_guidance(a.guidance, defaults.guidance, c.num_classes)
     if a.backend == "rt":
         result = generate_rt(a.engines, (c.in_chans, c.img_size, c.img_size), c.num_classes, a.n, policy,
-                             a.sampler, steps, guidance, a.seed, final_x0=a.final_x0)
+                             a.sampler, steps, guidance, a.seed, final_x0=a.final_x0, batch_size=a.batch_size)
+        if a.sampler == "euler" and result.chunk < min(a.n, a.batch_size):
+            print(f"note: adadiff_rt ran chunks of {result.chunk} samples (what the engines' max_batch holds); "
+                  f"the torch backend draws the same Euler-Maruyama noise with --batch-size {result.chunk}")
     else:
         result = generate(loaded, a.n, policy, a.sampler, steps, guidance, a.seed, a.batch_size, final_x0=a.final_x0)
     path = save_grid(result.images, a.out, nrow=c.num_classes if c.num_classes and a.n % c.num_classes == 0 else None)

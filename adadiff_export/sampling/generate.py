@@ -20,7 +20,7 @@ from ..model.checkpoint import Loaded
 from ..quality.metrics import LoadedClassifier, class_accuracy, fd_to_test_set
 from .early_exit import FULL_DEPTH, EarlyExitDenoiser, ExitPolicy
 from .exit_settings import ExitDefaults
-from .samplers import Denoiser, guided, sample, steps_for
+from .samplers import CounterNormal, Denoiser, guided, sample, steps_for
 MAX_RT_SEED = 2 ** 64 - 1  # adadiff_rt's sample() takes its seed as uint64
 THRESHOLD_POLICIES = ("uem", "saturation", "uem-authors")  # one threshold, which --sweep varies
 
@@ -31,6 +31,7 @@ class GenerationResult:
     labels: Optional[Tensor]  # [n] int64 (None for an unconditional model)
     layers: Tensor          # [steps, B_eff] exit layer of every denoiser row (both CFG halves)
     seconds: float          # wall time of the sampling itself
+    chunk: int = 0          # samples per sampler run (chunk k of the run draws its noise with seed + k)
 
     @property
     def layers_by_step(self) -> List[float]:
@@ -87,32 +88,35 @@ def generate(loaded: Loaded, n: int, policy: ExitPolicy = FULL_DEPTH, sampler: s
              steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
              batch_size: int = 100, progress: bool = True, desc: str = "sample",
              final_x0: bool = False) -> GenerationResult:
-    """Sample `n` images (labels i % classes) with the reference early exit, in batches.
+    """Sample `n` images (labels i % classes) with the reference early exit, in batches of `batch_size`.
 
     Guidance defaults to the checkpoint's; full depth is `FULL_DEPTH` (or a uem threshold of 0);
-    `final_x0` is the samplers' (the last step returns its x0 prediction).
+    `final_x0` is the samplers' (the last step returns its x0 prediction). Stochastic samplers draw
+    adadiff_rt's noise (`samplers.CounterNormal`) with seed `seed + k` for batch k, as `generate_rt` does
+    for its chunk k: the two agree when their batches are the same size.
     """
     from tqdm import tqdm
 
     model, c = loaded.model, loaded.model.config
     steps = steps_for(sampler, steps)
     w = default_guidance(loaded) if guidance is None else float(guidance)
+    if not 0 <= seed <= MAX_RT_SEED - n:
+        raise ValueError(f"seed must be in 0..{MAX_RT_SEED - n} (an unsigned 64-bit seed per batch), got {seed}")
     noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, n, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
     parts = list(_chunks(n, batch_size))
     bar = tqdm(total=len(parts) * steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     images, layers = [], []
     start = time.perf_counter()
-    for sl in parts:
+    for k, sl in enumerate(parts):
         den = EarlyExitDenoiser(model, policy)
         fn: Denoiser = den if labels is None else guided(den, w, c.num_classes)
         y = None if labels is None else labels[sl]
         images.append(sample(sampler, _counting(fn, lambda: bar.update(1)), noise[sl].clone(), loaded.schedule,
-                             steps, y=y, generator=gen, final_x0=final_x0))
+                             steps, y=y, generator=CounterNormal(seed + k), final_x0=final_x0))
         layers.append(den.layers_by_step())
     seconds = time.perf_counter() - start
     bar.close()
-    return GenerationResult(torch.cat(images), labels, torch.cat(layers, dim=1), seconds)
+    return GenerationResult(torch.cat(images), labels, torch.cat(layers, dim=1), seconds, min(n, batch_size))
 
 
 def _import_rt():
@@ -128,10 +132,12 @@ def _import_rt():
 def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: int, n: int,
                 policy: ExitPolicy, sampler: str = "dpm++", steps: Optional[int] = None,
                 guidance: float = ExitDefaults.guidance, seed: int = 0, progress: bool = True,
-                final_x0: bool = False) -> GenerationResult:
-    """The same job on the C++ runtime (adadiff_rt, OpenVINO on CPU), batched to the engines' max_batch.
+                final_x0: bool = False, batch_size: Optional[int] = None) -> GenerationResult:
+    """The same job on the C++ runtime (adadiff_rt, OpenVINO on CPU), in chunks of `batch_size` samples
+    (default and at most: what the engines' max_batch holds, half of it under guidance).
 
     Chunk k of the run samples with seed `seed + k`: the runtime's generator takes an unsigned 64-bit seed.
+    An unconditional model samples without guidance whatever `guidance` says.
     """
     from tqdm import tqdm
 
@@ -144,20 +150,22 @@ def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: 
                                 "`python -m adadiff_export build`")
     steps = steps_for(sampler, steps)
     runtime = rt_mod.Runtime(str(engines), device="cpu")
-    rows_per_sample = 2 if (num_classes > 0 and guidance != 1.0) else 1
+    if num_classes == 0:
+        guidance = 1.0
+    rows_per_sample = 2 if guidance != 1.0 else 1
+    chunk = max(1, runtime.max_batch // rows_per_sample)  # under guidance each sample is two rows
+    chunk = min(chunk, batch_size) if batch_size else chunk
     noise, labels = noise_and_labels(loaded_shape, num_classes, n, seed)
     images, layers = [], []
     start = time.perf_counter()
-    # Under guidance each sample is two rows of the engines' batch.
-    for k, sl in enumerate(tqdm(list(_chunks(n, max(1, runtime.max_batch // rows_per_sample))), desc="sample (rt)",
-                                disable=not progress, leave=False)):
+    for k, sl in enumerate(tqdm(list(_chunks(n, chunk)), desc="sample (rt)", disable=not progress, leave=False)):
         y = None if labels is None else labels[sl].numpy()
         img, used = runtime.sample(noise[sl].numpy(), y, sampler=sampler, steps=steps, guidance=guidance,
                                    seed=seed + k, final_x0=final_x0, **policy.runtime_kwargs())
         images.append(torch.from_numpy(img))
         layers.append(torch.as_tensor(used, dtype=torch.int64))
     seconds = time.perf_counter() - start
-    return GenerationResult(torch.cat(images), labels, torch.cat(layers, dim=1), seconds)
+    return GenerationResult(torch.cat(images), labels, torch.cat(layers, dim=1), seconds, min(n, chunk))
 
 
 def policy_label(policy: ExitPolicy) -> str:
