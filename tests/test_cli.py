@@ -131,7 +131,7 @@ def test_sample_rt_backend_without_the_runtime_says_how_to_build_it(tiny_checkpo
 
 def test_evaluate_json_and_sweep(tiny_checkpoint: Path, tmp_path: Path, capsys):
     torch.manual_seed(0)
-    clf = FashionClassifier(ClassifierConfig(width=8, feature_dim=8)).eval()
+    clf = FashionClassifier(ClassifierConfig(img_size=8, width=8, feature_dim=8)).eval()
     clf_path = tmp_path / "clf.pt"
     save_classifier(clf, clf_path, 0.1, feature_stats(clf, torch.rand(50, 1, 8, 8) * 2 - 1), {})
     rc, out, _ = _run(capsys, "evaluate", str(tiny_checkpoint), "--n", "20", "--steps", "2", "--batch-size", "8",

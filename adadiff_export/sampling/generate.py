@@ -198,21 +198,25 @@ class EvalPoint:
             d["threshold"] = p.threshold
         if p.kind == "static":
             d["layer"] = p.layer
-        return {**d, "accuracy": round(self.accuracy, 5), "fd": round(self.fd, 5),
+        acc = None if self.accuracy != self.accuracy else round(self.accuracy, 5)  # NaN: not measured
+        return {**d, "accuracy": acc, "fd": round(self.fd, 5),
                 "mean_layers": round(self.mean_layers, 4)}
 
 
-def measure(clf: LoadedClassifier, result: GenerationResult, policy: ExitPolicy) -> EvalPoint:
-    """Accuracy (when conditional), FD to the real test set and mean layers of one generation."""
-    acc = class_accuracy(clf, result.images, result.labels) if result.labels is not None else float("nan")
+def measure(clf: LoadedClassifier, result: GenerationResult, policy: ExitPolicy, accuracy: bool = True) -> EvalPoint:
+    """Accuracy (when conditional and `accuracy`; else NaN), FD to the real test set and mean layers of one
+    generation."""
+    acc = (class_accuracy(clf, result.images, result.labels) if accuracy and result.labels is not None
+           else float("nan"))
     return EvalPoint(policy, acc, fd_to_test_set(clf, result.images), result.mean_layers, result.seconds)
 
 
 def evaluate(loaded: Loaded, clf: LoadedClassifier, n: int, policies: Sequence[ExitPolicy], sampler: str = "dpm++",
              steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100,
-             progress: bool = True, final_x0: bool = False) -> Tuple[EvalPoint, List[EvalPoint]]:
-    """Full depth, then each policy, all on the same noise and labels."""
+             progress: bool = True, final_x0: bool = False,
+             accuracy: bool = True) -> Tuple[EvalPoint, List[EvalPoint]]:
+    """Full depth, then each policy, all on the same noise and labels (`accuracy`: measure class accuracy)."""
     kw = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress,
               final_x0=final_x0)
-    full = measure(clf, generate(loaded, n, FULL_DEPTH, desc="full depth", **kw), FULL_DEPTH)
-    return full, [measure(clf, generate(loaded, n, p, desc=policy_label(p), **kw), p) for p in policies]
+    full = measure(clf, generate(loaded, n, FULL_DEPTH, desc="full depth", **kw), FULL_DEPTH, accuracy)
+    return full, [measure(clf, generate(loaded, n, p, desc=policy_label(p), **kw), p, accuracy) for p in policies]
