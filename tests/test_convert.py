@@ -193,6 +193,39 @@ def test_refusals_name_what_is_missing_and_write_nothing(tmp_path, capsys):
     _refused(tmp_path, capsys, {"weights": torch.zeros(2)}, match="no U-ViT state dict")
 
 
+@pytest.mark.parametrize("kind", ["latent", "text"])
+def test_every_command_refuses_latent_and_text_models_writing_nothing(kind, tmp_path, capsys):
+    """build, sample, evaluate and train --init take an authors' file directly, so each refuses what cannot
+    run here, with the one message `convert` gives, before writing anything."""
+    base = dict(img=8, chans=3, patch=2, width=64, k=1, rows=0, lte=True)
+    if kind == "latent":
+        sd, what = authors_state_dict(**{**base, "chans": 4}), "autoencoder"
+    else:
+        sd = {**authors_state_dict(**base), "context_embed.weight": torch.zeros(64, 8),
+              "context_embed.bias": torch.zeros(64)}
+        what = "text encoder"
+    src = _save(sd, tmp_path / "authors.pth")
+    commands = {
+        "build": ["build", str(src), "-o", str(tmp_path / "engines"), "--tensorrt", "off"],
+        "sample": ["sample", str(src), "--n", "2", "--steps", "1", "--out", str(tmp_path / "grid.png")],
+        "evaluate": ["evaluate", str(src), "--n", "2", "--steps", "1"],
+        "train": ["train", "--init", str(src), "--out", str(tmp_path / "run"), "--steps", "1"],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert what in err and "discrete-time" in err and err.count("\n") == 1, (name, err)
+        assert sorted(q.name for q in tmp_path.iterdir()) == ["authors.pth"], name
+
+
+def test_in_memory_conversion_names_the_convert_flag_it_needs(tmp_path, capsys):
+    """Heads that the weights cannot give: the commands that convert in memory point at `convert --heads`."""
+    src = _save(authors_state_dict(img=8, chans=1, patch=2, width=16, k=1, rows=0, lte=True), tmp_path / "a.pth")
+    assert main(["sample", str(src), "--n", "1", "--steps", "1", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "adadiff_export convert" in err and "--heads" in err and not (tmp_path / "g.png").exists()
+
+
 class Payload:  # unpickling it would need this module's code
     pass
 

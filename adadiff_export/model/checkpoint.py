@@ -94,7 +94,11 @@ def read_or_convert(path: Path, options=None):
         raise CheckpointError(f"{path} is not an adadiff checkpoint (missing format {FORMAT!r}) nor a state dict "
                               "of the authors' U-ViT or AdaDiff code") from None
     except ConvertError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        hint = ""
+        if "--" in str(e):  # a flag of `convert`, which this in-memory conversion cannot take
+            hint = (f" (the flag is `convert`'s: `python -m adadiff_export convert {path} -o OUT.pt` with it, then "
+                    "pass OUT.pt)")
+        raise CheckpointError(f"{path}: {e}{hint}") from None
     return conv.payload, f"{path.name}: converted in memory (save it with `python -m adadiff_export convert`)\n" \
         + conv.describe()
 
