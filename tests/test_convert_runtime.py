@@ -127,6 +127,19 @@ def test_uem_authors_sampling_matches_oracle(built, which, guidance):
         assert (used[:, 0] != used[:, 3]).any(), used
 
 
+def test_unconditional_folder_samples_with_the_manifest_defaults(built):
+    """No guidance for an unconditional model: the manifest's default is 1, so a call that names nothing samples."""
+    root, _, models = built
+    rt = adadiff_rt.Runtime(str(root / "uncond"), threads=1)
+    assert rt.default_exit["guidance"] == 1.0 and rt.default_exit["policy"] == "uem-authors"
+    c = models["uncond"].config
+    noise = np.random.default_rng(0).standard_normal((2, c.in_chans, c.img_size, c.img_size)).astype(np.float32)
+    images, used = rt.sample(noise, None, steps=2)
+    assert images.shape == noise.shape and np.isfinite(images).all() and used.shape == (2, 2)
+    with pytest.raises(ValueError, match="unconditional"):
+        rt.sample(noise, None, steps=2, guidance=2.0)
+
+
 def test_uem_authors_is_refused_per_sample(built):
     root, _, models = built
     rt = adadiff_rt.Runtime(str(root / "uncond"), threads=1)

@@ -125,4 +125,5 @@ def test_colour_models_get_a_classifier_of_their_own_checked_before_sampling(tmp
     out = capsys.readouterr().out
     rec = json.loads(out.strip().splitlines()[-1])
     assert "accuracy n/a: the model is unconditional" in out and rec["full"]["accuracy"] is None
+    assert "detected: AdaDiff" in out and "converted in memory" in out  # the .pth itself, said so
     assert rec["full"]["fd"] >= 0

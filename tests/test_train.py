@@ -139,6 +139,11 @@ def test_a_custom_shape_from_the_command_line(tmp_path: Path):
     assert (c["img_size"], c["in_chans"], c["patch_size"], c["embed_dim"], c["depth"], c["num_heads"],
             c["num_classes"]) == (8, 3, 2, 16, 3, 2, 0)
     assert raw["defaults"]["guidance"] == 1.0  # an unconditional model has no guidance to store
+    from adadiff_export.sampling.generate import exit_defaults
+
+    older = tmp_path / "older.pt"  # as `train` wrote it before: guidance 2 whatever the model
+    ckpt.save({**raw, "defaults": {"guidance": 2.0}}, older)
+    assert exit_defaults(ckpt.load(older)).guidance == 1.0  # what build writes into the manifest
     # resuming takes the saved shape without the flags
     assert main(["train", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "4",
                  "--sample-every", "0", "--threads", "1", "--resume"]) == 0

@@ -9,7 +9,7 @@ Inception FID) and mean layers at full depth and at one or more thresholds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -45,8 +45,11 @@ class GenerationResult:
 
 def exit_defaults(loaded: Loaded) -> ExitDefaults:
     """The checkpoint's stored exit settings (`defaults`: policy, threshold, guidance, tables), checked
-    against its depth; what it does not store takes ExitDefaults' values."""
-    return ExitDefaults.from_dict(loaded.defaults, f"checkpoint {loaded.path} defaults").check(loaded.model.depth)
+    against its depth; what it does not store takes ExitDefaults' values. An unconditional model's
+    guidance is 1 whatever was stored (checkpoints trained before `train` knew that stored 2), so a
+    manifest built from it lets adadiff_rt sample with its defaults."""
+    d = ExitDefaults.from_dict(loaded.defaults, f"checkpoint {loaded.path} defaults").check(loaded.model.depth)
+    return d if loaded.model.config.num_classes else replace(d, guidance=1.0)
 
 
 def default_guidance(loaded: Loaded) -> float:
