@@ -1,6 +1,7 @@
-"""Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it behind."""
+"""Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it behind; a file's sha256."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +23,12 @@ def write_atomically(path: Path, write: Callable[[Path], None], mode: int = 0o64
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """Lowercase hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

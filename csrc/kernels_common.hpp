@@ -13,7 +13,8 @@
 
 namespace adadiff {
 
-enum class Policy : int { Uem = 0, Static = 1, Saturation = 2, Schedule = 3 };
+// UemAuthors: the AdaDiff authors' rule (one decision per batch; in blocks need a second trigger).
+enum class Policy : int { Uem = 0, Static = 1, Saturation = 2, Schedule = 3, UemAuthors = 4 };
 enum class Granularity : int { Sample = 0, Batch = 1 };
 
 // Exit parameters that depend on the step's time (the manifest's exit.schedule and
@@ -42,6 +43,7 @@ struct ExitParams {
   int layer = 0;  // 0-based layer just run
   int n_layers = 1;
   int static_layer = 0;  // 1-based exit layer of `static` (already resolved: 0 means n_layers)
+  int group_rows = 0;    // uem-authors: rows per group that decides apart (guidance: the batch; 0: one group)
   TimeTableView table;   // `schedule`, and `uem` with time-dependent thresholds (uem-time)
 };
 
@@ -50,7 +52,7 @@ struct ExitBuffers {
   const float* score;   // [n] u (uem) or relative change (saturation)
   const float* t;       // [B] time of each original sample (read only through a time table)
   const int* active;    // [n] original sample of each working row
-  const int* count;     // [n] consecutive layers below threshold
+  const int* count;     // [n] consecutive layers below threshold (uem-authors: in blocks triggered)
   int* new_active;      // [n - m] kept rows' samples, in order
   int* new_count;       // [n - m]
   int* exit_idx;        // [m] working rows that exit now
@@ -65,17 +67,30 @@ struct ExitBuffers {
 // few hundred rows, and one ordered pass yields the exit list, the kept list and the count at once.
 ADADIFF_HD void decide_exits(const ExitParams& p, const ExitBuffers& b, int n) {
   const bool last = p.layer == p.n_layers - 1;
-  const bool scored = !last && (p.policy == Policy::Uem || p.policy == Policy::Saturation);
+  const bool authors = p.policy == Policy::UemAuthors;
+  const bool scored = !last && (p.policy == Policy::Uem || p.policy == Policy::Saturation || authors);
   const int here = p.layer + 1;  // 1-based layer just run
   bool batch_below = false;
-  if (scored && p.granularity == Granularity::Batch) {
+  if (scored && p.granularity == Granularity::Batch && !authors) {
     float sum = 0.0f;  // torch's float32 mean; differences of an ulp only matter at the threshold itself
     for (int j = 0; j < n; ++j) sum += b.score[j];
     batch_below = sum / float(n) < p.threshold;
   }
+  // uem-authors: the mean of each group (at most two: the halves of a guided call) decides for the group.
+  bool group_trig[2] = {false, false};
+  if (scored && authors) {
+    float sum[2] = {0.0f, 0.0f};
+    int rows[2] = {0, 0};
+    for (int j = 0; j < n; ++j) {
+      const int g = p.group_rows > 0 && b.active[j] >= p.group_rows ? 1 : 0;
+      sum[g] += b.score[j];
+      ++rows[g];
+    }
+    for (int g = 0; g < 2; ++g) group_trig[g] = rows[g] > 0 && sum[g] / float(rows[g]) < p.threshold;
+  }
   int m = 0, w = 0;
   for (int j = 0; j < n; ++j) {
-    if (scored && p.policy == Policy::Uem) b.u_all[int64_t(b.active[j]) * p.n_layers + p.layer] = b.score[j];
+    if (scored && p.policy != Policy::Saturation) b.u_all[int64_t(b.active[j]) * p.n_layers + p.layer] = b.score[j];
     int c = b.count[j];
     bool exits;
     if (last) {
@@ -84,6 +99,16 @@ ADADIFF_HD void decide_exits(const ExitParams& p, const ExitBuffers& b, int n) {
       exits = here >= p.static_layer;
     } else if (p.policy == Policy::Schedule) {
       exits = here >= p.table.min_layer[table_bin(p.table, b.t[b.active[j]])];
+    } else if (authors) {
+      // In blocks (layers 1..k, k = n_layers / 2) exit at the second trigger, consecutive or not; the
+      // mid block and the out blocks at the first.
+      const bool trig = group_trig[p.group_rows > 0 && b.active[j] >= p.group_rows ? 1 : 0];
+      if (here <= p.n_layers / 2) {
+        c = trig ? c + 1 : c;
+        exits = c >= 2;
+      } else {
+        exits = trig;
+      }
     } else if (p.table.bins > 0) {
       // uem-time: rows may exit from the bin's first layer on and all have by its last.
       const int k = table_bin(p.table, b.t[b.active[j]]);

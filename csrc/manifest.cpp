@@ -526,8 +526,8 @@ TimeTable parse_table(const Json* v, const std::string& where, int depth, bool u
 void check_exit_defaults(const Manifest& m) {
   const ExitDefaults& e = m.exit;
   if (e.policy != "uem" && e.policy != "uem-time" && e.policy != "schedule" && e.policy != "static" &&
-      e.policy != "saturation")
-    bad("exit.policy", "unknown policy '" + e.policy + "' (uem, uem-time, schedule, static, saturation)");
+      e.policy != "saturation" && e.policy != "uem-authors")
+    bad("exit.policy", "unknown policy '" + e.policy + "' (uem, uem-time, schedule, static, saturation, uem-authors)");
   if (e.policy == "schedule" && e.schedule.empty()) bad("exit.policy", "is 'schedule' but exit.schedule is absent");
   if (e.policy == "uem-time" && e.uem_time.empty()) bad("exit.policy", "is 'uem-time' but exit.uem_time is absent");
   if (e.granularity != "sample" && e.granularity != "batch") bad("exit.granularity", "must be 'sample' or 'batch'");

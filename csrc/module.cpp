@@ -370,7 +370,9 @@ Every file is checked against its sha256 in manifest.json before use.
 
 Returns (eps float32 [B,C,H,W], exit_layer int64 [B] (1-based), u float32 [B,N] with NaN where not
 computed). policy "uem" (the paper's rule: exit when u < threshold) | "uem-time" (thresholds and a
-layer range by time) | "schedule" (an exit layer by time) | "static" (static_layer) | "saturation";
+layer range by time) | "schedule" (an exit layer by time) | "static" (static_layer) | "saturation" |
+"uem-authors" (the AdaDiff code's rule: one decision for the batch on mean u < threshold = 1 - tau,
+in blocks at the second trigger, from the mid block on at the first; granularity "batch", patience 1);
 granularity "sample" (exited samples leave the batch) or "batch" (one decision for the batch);
 table: a schedule {t_bounds, layers} or uem-time table {t_bounds, min_layers, max_layers,
 thresholds} as in the manifest. Every argument left None takes the manifest's exit defaults

@@ -186,18 +186,27 @@ Runtime::Resolved Runtime::resolve(const DenoiseOptions& o) {
   else if (pol == "static") p.policy = Policy::Static;
   else if (pol == "saturation") p.policy = Policy::Saturation;
   else if (pol == "schedule") p.policy = Policy::Schedule;
-  else invalid("policy must be one of 'uem', 'uem-time', 'schedule', 'static', 'saturation', got '" + pol + "'");
-  const std::string gran = o.granularity.value_or(d.granularity);
+  else if (pol == "uem-authors") p.policy = Policy::UemAuthors;
+  else invalid("policy must be one of 'uem', 'uem-time', 'schedule', 'static', 'saturation', 'uem-authors', got '" +
+               pol + "'");
+  const bool authors = pol == "uem-authors";
+  // uem-authors decides for the batch: a call that names no granularity means that, not the folder's default.
+  const std::string gran = o.granularity.value_or(authors ? "batch" : d.granularity);
   if (gran == "sample") p.granularity = Granularity::Sample;
   else if (gran == "batch") p.granularity = Granularity::Batch;
   else invalid("granularity must be 'sample' or 'batch', got '" + gran + "'");
   const double thr = o.threshold.value_or(d.threshold);
   // As the oracle: u is a probability, so uem thresholds live in [0, 1]; a relative change may exceed 1.
-  if (pol == "uem" && !(thr >= 0.0 && thr <= 1.0)) invalid("threshold must be in [0, 1], got " + std::to_string(thr));
+  if ((pol == "uem" || authors) && !(thr >= 0.0 && thr <= 1.0)) invalid("threshold must be in [0, 1], got " + std::to_string(thr));
   if (!(thr >= 0.0) || !std::isfinite(thr)) invalid("threshold must be a finite number >= 0, got " + std::to_string(thr));
   p.threshold = float(thr);
-  p.patience = o.patience.value_or(d.patience);
+  p.patience = o.patience.value_or(authors ? 1 : d.patience);
   if (p.patience < 1) invalid("patience must be >= 1, got " + std::to_string(p.patience));
+  if (authors && p.granularity != Granularity::Batch)
+    invalid("policy 'uem-authors' decides for the batch (the authors' rule); use granularity 'batch'");
+  if (authors && p.patience != 1)
+    invalid("policy 'uem-authors' has the authors' own patience (two triggers in the in blocks, one from the mid "
+            "block on); leave patience at 1");
   const int layer = o.static_layer.value_or(d.layer);
   if (layer < 0 || layer > n_layers_)
     invalid("static_layer must be in 0.." + std::to_string(n_layers_) + " (0 = full depth), got " +
@@ -329,7 +338,8 @@ void Runtime::run_exit_loop(int n, const void* x, const float* t_host, const Res
     run(0, n, in, out);
   }
   ops_->iota_zero(active_[ab].as<int>(), count_[ab].as<int>(), n);
-  if (base.policy == Policy::Uem) ops_->fill_f32(u_all_.as<float>(), int64_t(n) * n_layers_, NAN);
+  if (base.policy == Policy::Uem || base.policy == Policy::UemAuthors)
+    ops_->fill_f32(u_all_.as<float>(), int64_t(n) * n_layers_, NAN);
 
   bool identity = true;  // no sample has left yet: row j is still sample j
   const size_t hrow = hid_ * sizeof(float), erow = img_ * sizeof(float), trow = dim_ * sizeof(float);
@@ -435,7 +445,7 @@ void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* 
   run_exit_loop(batch, x_in_.as(), t, r, exit_layer_.as<int64_t>());
   ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
   ops_->download(exit_layer, exit_layer_.as(), size_t(batch) * sizeof(int64_t));
-  if (r.p.policy == Policy::Uem) {
+  if (r.p.policy == Policy::Uem || r.p.policy == Policy::UemAuthors) {
     ops_->download(u, u_all_.as(), size_t(batch) * n_layers_ * sizeof(float));
   } else {
     for (int64_t i = 0; i < int64_t(batch) * n_layers_; ++i) u[i] = NAN;
@@ -486,6 +496,7 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
   const bool guided = w != 1.0;
   if (!(o.eta >= 0) || !std::isfinite(o.eta)) invalid("eta must be a finite number >= 0");
   Resolved r = resolve(o.exit);
+  if (guided) r.p.group_rows = batch;  // uem-authors: the halves decide apart, as the authors' two calls do
   const int limit = guided ? std::min(m_.max_batch, cap_ / 2) : std::min(m_.max_batch, cap_);
   check_inputs("sample", batch, noise, nullptr, y, limit);
   bind_table(r);

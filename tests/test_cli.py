@@ -131,7 +131,7 @@ def test_sample_rt_backend_without_the_runtime_says_how_to_build_it(tiny_checkpo
 
 def test_evaluate_json_and_sweep(tiny_checkpoint: Path, tmp_path: Path, capsys):
     torch.manual_seed(0)
-    clf = FashionClassifier(ClassifierConfig(width=8, feature_dim=8)).eval()
+    clf = FashionClassifier(ClassifierConfig(img_size=8, width=8, feature_dim=8)).eval()
     clf_path = tmp_path / "clf.pt"
     save_classifier(clf, clf_path, 0.1, feature_stats(clf, torch.rand(50, 1, 8, 8) * 2 - 1), {})
     rc, out, _ = _run(capsys, "evaluate", str(tiny_checkpoint), "--n", "20", "--steps", "2", "--batch-size", "8",
@@ -167,3 +167,24 @@ def test_sample_rt_backend_matches_torch(tiny_checkpoint: Path, tmp_path: Path, 
     assert runs["rt"]["layers_by_step"] == runs["torch"]["layers_by_step"]  # same exit decisions
     assert runs["rt"]["image_mean"] == pytest.approx(runs["torch"]["image_mean"], abs=1e-4)
     assert runs["rt"]["image_std"] == pytest.approx(runs["torch"]["image_std"], abs=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("adadiff_rt") is None, reason="adadiff_rt is not built (pip install .)")
+def test_euler_maruyama_agrees_between_backends_at_the_same_batch_size(tiny_checkpoint: Path, tmp_path: Path,
+                                                                        capsys, request):
+    from runtime_engines import onnx_engines
+
+    engines = onnx_engines(request.config.cache.mkdir("adadiff_rt_engines"), tiny_model(uem_gain=20.0), 16)
+    common = [str(tiny_checkpoint), "--n", "12", "--steps", "5", "--sampler", "euler", "--seed", "3", "--json",
+              "--engines", str(engines)]
+    runs = {}
+    for backend in ("torch", "rt"):  # under guidance the engines (max_batch 16) hold 8 samples a run
+        rc, out, _ = _run(capsys, "sample", *common, "--backend", backend, "--batch-size", "8",
+                          "--out", str(tmp_path / f"{backend}.png"))
+        assert rc == 0
+        runs[backend] = _last_json(out)
+    assert runs["rt"]["layers_by_step"] == runs["torch"]["layers_by_step"]
+    assert runs["rt"]["image_mean"] == pytest.approx(runs["torch"]["image_mean"], abs=1e-4)
+    assert runs["rt"]["image_std"] == pytest.approx(runs["torch"]["image_std"], abs=1e-4)
+    rc, out, _ = _run(capsys, "sample", *common, "--backend", "rt", "--out", str(tmp_path / "rt.png"))
+    assert rc == 0 and "chunks of 8 samples" in out and "--batch-size 8" in out

@@ -107,6 +107,37 @@ def test_batch_granularity_uses_the_batch_mean(spread):
     torch.testing.assert_close(r.eps, eps[layer - 1], atol=1e-5, rtol=1e-5)
 
 
+def _authors_exit(batch_u: List[float], thr: float) -> int:
+    """The AdaDiff code's rule on the batch means: in blocks at the second trigger, later blocks at the first."""
+    k = (len(batch_u) - 1) // 2
+    triggers = 0
+    for i, v in enumerate(batch_u[:-1]):
+        trig = v < thr
+        triggers += trig and i < k
+        if (i < k and triggers >= 2) or (i >= k and trig):
+            return i + 1
+    return len(batch_u)
+
+
+def test_uem_authors_follows_the_authors_rule(spread):
+    model, x, t, y, eps, u = spread
+    means = u.mean(dim=0)
+    seen = set()
+    for thr in sorted(float(v) + 1e-4 for v in means[:-1]):
+        r = early_exit(model, x, t, y, ExitPolicy("uem-authors", threshold=thr, granularity="batch"))
+        layer = _authors_exit(means.tolist(), thr)
+        assert r.exit_layer.tolist() == [layer] * B, thr
+        torch.testing.assert_close(r.eps, eps[layer - 1], atol=1e-5, rtol=1e-5)
+        seen.add(layer)
+    assert len(seen) >= 2
+    # groups: each half of the rows decides on its own mean, as two calls would
+    thr = float(means[:-1].median())
+    r = early_exit(model, x, t, y, ExitPolicy("uem-authors", threshold=thr, granularity="batch"), groups=2)
+    h = B // 2
+    assert r.exit_layer.tolist() == ([_authors_exit(u[:h].mean(dim=0).tolist(), thr)] * h
+                                     + [_authors_exit(u[h:].mean(dim=0).tolist(), thr)] * h)
+
+
 def test_saturation_exits_when_the_hidden_state_stops_changing(spread):
     model, x, t, y, eps, _ = spread
     hs: List[torch.Tensor] = []

@@ -88,3 +88,42 @@ def test_shipped_classifier_on_real_test_images():
     blurred = fd_to_test_set(clf, torch.nn.functional.avg_pool2d(test.images[idx], 3, 1, 1))
     noise = fd_to_test_set(clf, torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert real < 1.0 < 10 * real < blurred < noise  # FD orders real < degraded < noise
+
+
+def test_colour_models_get_a_classifier_of_their_own_checked_before_sampling(tmp_path, capsys):
+    """evaluate on 32x32-style colour data (here 8x8x3): the shipped 28x28 grayscale classifier is refused before
+    any sampling, `classifier --data` trains one for the data, and an unconditional model gets FD only."""
+    import json
+
+    import numpy as np
+
+    from adadiff_export.cli import main
+    from authors_format import authors_state_dict
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "colour.npz"
+    np.savez(data, images=rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), labels=np.arange(60) % 3)
+    clf_path = tmp_path / "clf.pt"
+    assert main(["classifier", "--data", str(data), "--out", str(clf_path), "--epochs", "1", "--batch-size", "16"]) == 0
+    clf = load_classifier(clf_path)
+    assert (clf.model.config.img_size, clf.model.config.in_chans, clf.model.config.num_classes) == (8, 3, 3)
+    cond = tmp_path / "cond.pth"
+    torch.save(authors_state_dict(img=8, chans=3, patch=2, width=64, k=1, rows=4, lte=True), cond)
+    conv = tmp_path / "cond.pt"
+    assert main(["convert", str(cond), "-o", str(conv), "--null-class", "last", "--scale", "1"]) == 0
+    capsys.readouterr()
+    common = ["--n", "4", "--steps", "2", "--batch-size", "4", "--json"]
+    assert main(["evaluate", str(conv), *common]) == 2
+    err = capsys.readouterr().err
+    assert "28x28x1" in err and "8x8x3" in err and "classifier --data" in err
+    assert main(["evaluate", str(conv), *common, "--classifier", str(clf_path)]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= rec["full"]["accuracy"] <= 1.0 and rec["full"]["fd"] >= 0
+    uncond = tmp_path / "uncond.pth"
+    torch.save(authors_state_dict(img=8, chans=3, patch=2, width=64, k=1, rows=0, lte=True), uncond)
+    assert main(["evaluate", str(uncond), *common, "--classifier", str(clf_path)]) == 0
+    out = capsys.readouterr().out
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert "accuracy n/a: the model is unconditional" in out and rec["full"]["accuracy"] is None
+    assert "detected: AdaDiff" in out and "converted in memory" in out  # the .pth itself, said so
+    assert rec["full"]["fd"] >= 0

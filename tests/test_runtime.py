@@ -51,6 +51,21 @@ def test_uem_matches_oracle(rt, rt_chained, model, batch, granularity, fused):
     assert_engine_calls(runtime, layer, batch, granularity, fused)
 
 
+@pytest.mark.parametrize("batch", [1, 7, MAX_BATCH])
+def test_uem_authors_matches_oracle_chained(rt, model, batch):
+    """The authors' rule (one decision for the batch, in blocks at the second trigger): the exit graph
+    declines it, the chain decides as the oracle does."""
+    x, t, y = inputs(model, batch, seed=30 + batch)
+    _, _, u_all = oracle(model, x, t, y, threshold=0.0)
+    means = np.sort(np.nanmean(u_all[:, :-1], axis=0))
+    seen = set()
+    for thr in (means[:-1] + means[1:]) / 2:
+        layer = assert_parity(rt, model, x, t, y, policy="uem-authors", threshold=float(thr), granularity="batch")
+        assert rt.engine_calls >= 2 + layer.max()
+        seen.add(int(layer[0]))
+    assert len(seen) >= 2, seen
+
+
 @pytest.mark.parametrize("patience", [1, 2])
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
 def test_exit_graph_two_rows(rt, rt_chained, model, patience, granularity):
@@ -202,6 +217,23 @@ def test_stochastic_samplers_are_reproducible_per_seed(rt, model):
     e, _ = rt.sample(noise, y, sampler="ddim", steps=5, guidance=1.0, eta=0.0, seed=11)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(d, e)
+
+
+@pytest.mark.parametrize("sampler,kw", [("euler", {}), ("ddim", {"eta": 1.0})])
+def test_stochastic_samplers_match_python_given_the_runtime_noise(rt, model, sampler, kw):
+    """samplers.CounterNormal(seed) draws adadiff_rt's normals: the same exits and images for the same seed."""
+    from adadiff_export.sampling.samplers import CounterNormal
+
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([2, 7, 0])
+    steps, thr = 6, 0.5
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=steps, guidance=2.0, threshold=thr,
+                             seed=123, **kw)
+    den = EarlyExitDenoiser(model, ExitPolicy(threshold=thr))
+    ref = py_sample(sampler, guided(den, 2.0, model.config.num_classes), noise.clone(), VPSchedule(), steps, y=y,
+                    generator=CounterNormal(123), **kw)
+    np.testing.assert_array_equal(used, den.layers_by_step().numpy())
+    assert rel_err(images, ref.numpy()) <= TOL
 
 
 @pytest.mark.parametrize("granularity", ["sample", "batch"], ids=["chained", "exit-graph"])

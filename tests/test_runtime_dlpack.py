@@ -59,6 +59,8 @@ def test_dlpack_engine_matches_oracle(folder, device, batch, granularity):
     _, _, u_all = oracle(model, x, t, y, device, threshold=0.0)
     thr = split_threshold(u_all, lambda th: oracle(model, x, t, y, device, threshold=th, granularity=granularity)[1])
     cases = [dict(threshold=thr), dict(policy="static", static_layer=2), dict(threshold=thr, patience=2)]
+    if granularity == "batch":  # the authors' rule decides for the batch
+        cases += [dict(policy="uem-authors", threshold=thr)]
     if granularity == "sample":  # the time tables decide per sample (a batch of rows in several bins)
         cases += [dict(policy="schedule", table={"t_bounds": [0.6, 0.3], "layers": [1, 3, 4]}),
                   dict(policy="uem-time", table={"t_bounds": [0.5], "min_layers": [1, 2], "max_layers": [3, 5],
@@ -75,14 +77,17 @@ def test_dlpack_engine_matches_oracle(folder, device, batch, granularity):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sampler,guidance", [("dpm++", 2.0), ("ddim", 1.0)])
-def test_dlpack_sample_matches_python_sampler(folder, device, sampler, guidance):
+@pytest.mark.parametrize("sampler,guidance,policy", [("dpm++", 2.0, "uem"), ("ddim", 1.0, "uem"),
+                                                     ("dpm++", 2.0, "uem-authors")])
+def test_dlpack_sample_matches_python_sampler(folder, device, sampler, guidance, policy):
     model, rt = setup(folder, device)
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(4, 1, 8, 8, generator=g)
     y = torch.tensor([0, 2, 7, 10])
-    images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=5, guidance=guidance, threshold=0.5)
-    den = EarlyExitDenoiser(model, ExitPolicy(threshold=0.5))
+    gran = "batch" if policy == "uem-authors" else "sample"  # the authors' rule: each guidance half decides apart
+    images, used = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=5, guidance=guidance, threshold=0.5,
+                             policy=policy)
+    den = EarlyExitDenoiser(model, ExitPolicy(policy, threshold=0.5, granularity=gran))
     ref = py_sample(sampler, guided(den, guidance, model.config.num_classes), noise, VPSchedule(), 5, y=y)
     np.testing.assert_array_equal(used, den.layers_by_step().numpy())
     assert rel_err(images, ref.numpy()) <= TOL

@@ -117,3 +117,66 @@ def test_ddp_two_processes_under_torchrun(npz: Path, tmp_path: Path):
     raw = ckpt.read_raw(out / "ckpt.pt")
     assert raw["step"] == 3
     assert ckpt.load(out / "ckpt.pt").model.config.depth == 5
+
+
+def _colour_npz(path: Path, size: int, n: int = 16, classes: int = 0) -> Path:
+    rng = np.random.default_rng(1)
+    arrays = {"images": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)}  # [N, H, W, C]
+    if classes:
+        arrays["labels"] = rng.integers(0, classes, n)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_a_custom_shape_from_the_command_line(tmp_path: Path):
+    data = _colour_npz(tmp_path / "c.npz", 8)
+    out = tmp_path / "run"
+    assert main(["train", "--img-size", "8", "--channels", "3", "--patch", "2", "--width", "16", "--depth", "3",
+                 "--heads", "2", "--classes", "0", "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "4", "--sample-every", "0", "--threads", "1"]) == 0
+    raw = ckpt.read_raw(out / "ckpt.pt")
+    c = raw["config"]
+    assert (c["img_size"], c["in_chans"], c["patch_size"], c["embed_dim"], c["depth"], c["num_heads"],
+            c["num_classes"]) == (8, 3, 2, 16, 3, 2, 0)
+    assert raw["defaults"]["guidance"] == 1.0  # an unconditional model has no guidance to store
+    from adadiff_export.sampling.generate import exit_defaults
+
+    older = tmp_path / "older.pt"  # as `train` wrote it before: guidance 2 whatever the model
+    ckpt.save({**raw, "defaults": {"guidance": 2.0}}, older)
+    assert exit_defaults(ckpt.load(older)).guidance == 1.0  # what build writes into the manifest
+    # resuming takes the saved shape without the flags
+    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                 "--sample-every", "0", "--threads", "1", "--resume"]) == 0
+    assert ckpt.read_raw(out / "ckpt.pt")["step"] == 3
+
+
+def test_fine_tune_a_converted_authors_checkpoint_at_32x32x3(tmp_path: Path, capsys):
+    """The paper's recipe: a pre-trained U-ViT of the authors' code (no certainty modules), converted, then
+    trained with the joint loss at its own shape on 32x32 colour images; also straight from the .pth."""
+    from authors_format import authors_state_dict
+
+    src = tmp_path / "cifar10_uvit_small.pth"
+    torch.save(authors_state_dict(img=32, chans=3, patch=4, width=16, k=1, rows=0, lte=False), src)
+    conv = tmp_path / "converted.pt"
+    assert main(["convert", str(src), "-o", str(conv), "--heads", "2"]) == 0
+    data = _colour_npz(tmp_path / "cifar.npz", 32)
+    out = tmp_path / "tuned"
+    assert main(["train", "--init", str(conv), "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "4", "--warmup", "1", "--sample-every", "0", "--threads", "1"]) == 0
+    before, after = ckpt.load(conv), ckpt.load(out / "ckpt.pt")
+    assert after.model.config == before.model.config and after.model.config.img_size == 32
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite([r["simple"], r["u"], r["ual"]]).all() for r in logs)
+    changed = [k for k, v in before.model.state_dict().items() if not torch.equal(v, after.model.state_dict()[k])]
+    assert any(k.startswith("uems.") for k in changed) and any(k.startswith("blocks.") for k in changed)
+    # a shape flag that contradicts the --init checkpoint is named
+    capsys.readouterr()
+    assert main(["train", "--init", str(conv), "--width", "32", "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--sample-every", "0"]) == 2
+    assert "embed_dim 16" in capsys.readouterr().err
+    # the authors' file itself, converted in memory, says what it detected
+    wide = tmp_path / "wide.pth"
+    torch.save(authors_state_dict(img=32, chans=3, patch=4, width=64, k=1, rows=0, lte=False), wide)
+    assert main(["train", "--init", str(wide), "--data", str(data), "--out", str(tmp_path / "direct"), "--steps", "1",
+                 "--batch-size", "2", "--sample-every", "0", "--threads", "1"]) == 0
+    assert "freshly initialised" in capsys.readouterr().out

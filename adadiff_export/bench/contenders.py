@@ -21,7 +21,9 @@ from .harness import FULL_PEERS, Row
 
 
 class AuthorsEarlyExit:
-    """The authors' inference rule in PyTorch: head and UEM after every layer, one decision per batch."""
+    """The authors' way of computing an exit in PyTorch: head and UEM after every layer, one decision per batch
+    (the oracle's `uem` at granularity `batch`; their exact patience, in blocks at the second trigger, is the
+    `uem-authors` policy: this peer times the computation, not that rule)."""
 
     def __init__(self, model: UViT, threshold: float) -> None:
         self.model, self.threshold = model, threshold

@@ -24,7 +24,8 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit policy (default: the checkpoint's): uem (the paper's rule: learned uncertainty below "
                         "--threshold), uem-time (uncertainty with thresholds and a layer range by time, calibrated), "
                         "schedule (an exit layer by time, calibrated), static (fixed --layer), saturation (hidden "
-                        "state stops changing)")
+                        "state stops changing), uem-authors (the AdaDiff code's rule: one decision for the batch on "
+                        "mean uncertainty below --threshold = 1 - their tau, in blocks at the second trigger)")
     p.add_argument("--threshold", type=float, default=None,
                    help="exit when the score is below this (default for uem: the checkpoint's default threshold; 0 = full depth)")
     p.add_argument("--patience", type=int, default=None,
@@ -44,6 +45,23 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
 
 
+def say_detected(loaded) -> None:
+    """Print what was detected when the checkpoint was converted from the authors' format in memory."""
+    if loaded.note:
+        print(loaded.note)
+
+
+def run_guidance(asked, default: float, num_classes: int) -> float:
+    """The guidance scale of a run: the flag, else the checkpoint's default; an unconditional model has none
+    (1), whatever its stored default, and refuses a flag that asks for guidance."""
+    if num_classes == 0:
+        if asked is not None and asked != 1.0:
+            raise ValueError(f"--guidance {asked:g} needs a class-conditional model; this one is unconditional "
+                             "(leave --guidance out, or 1)")
+        return 1.0
+    return default if asked is None else float(asked)
+
+
 def check_run_arguments(a: argparse.Namespace) -> None:
     """Refuse bad --steps, --seed and --batch-size of `sample` and `evaluate` before any work is done."""
     if a.steps is not None and a.steps < 1:
@@ -56,15 +74,16 @@ def check_run_arguments(a: argparse.Namespace) -> None:
 
 def exit_policy(a: argparse.Namespace, defaults):
     """The ExitPolicy the flags describe; what they leave out comes from `defaults` (ExitDefaults)."""
-    from ..sampling.early_exit import ExitPolicy
+    from ..sampling.early_exit import UEM_POLICIES, ExitPolicy
     from ..sampling.exit_settings import TimeTable
 
     kind = a.policy or defaults.policy
+    authors = kind == "uem-authors"  # decides for the batch and has its own patience
     threshold = a.threshold
     if threshold is None:
         if kind == "saturation":
             raise ValueError("--policy saturation needs --threshold (its score is the relative change of the hidden state)")
-        threshold = defaults.threshold if kind == "uem" else 0.0
+        threshold = defaults.threshold if kind in UEM_POLICIES else 0.0
     table = defaults.table_for(kind)
     if a.table is not None:
         if kind not in ("schedule", "uem-time"):
@@ -73,9 +92,9 @@ def exit_policy(a: argparse.Namespace, defaults):
             table = TimeTable.from_dict(json.loads(Path(a.table).read_text()), str(a.table))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--table {a.table}: {e}") from None
-    return ExitPolicy(kind=kind, threshold=threshold, patience=a.patience or defaults.patience,
+    return ExitPolicy(kind=kind, threshold=threshold, patience=a.patience or (1 if authors else defaults.patience),
                       layer=defaults.layer if a.layer is None else a.layer,
-                      granularity=a.granularity or defaults.granularity, table=table)
+                      granularity=a.granularity or ("batch" if authors else defaults.granularity), table=table)
 
 
 def add_parser(sub) -> None:
@@ -88,7 +107,9 @@ def add_parser(sub) -> None:
     add_exit_arguments(p)
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
-    p.add_argument("--batch-size", type=int, default=100, help="images per sampler call (torch backend)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per sampler run (rt: at most what the engines' max_batch holds); chunk k draws the "
+                        "stochastic samplers' noise with seed + k, so torch and rt agree at the same batch size")
     p.add_argument("--backend", choices=["torch", "rt"], default="torch",
                    help="torch: the PyTorch reference; rt: the adadiff_rt C++ runtime over built engines")
     p.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder for --backend rt")
@@ -97,13 +118,15 @@ def add_parser(sub) -> None:
 
 def summary(result, a: argparse.Namespace, policy, steps: int) -> Dict[str, Any]:
     """The --json record of one sampling run."""
+    from ..sampling.generate import THRESHOLD_POLICIES
+
     return {
         "mean_layers": round(result.mean_layers, 4),
         "layers_by_step": [round(v, 3) for v in result.layers_by_step],
         "seconds": round(result.seconds, 3),
         "image_mean": round(float(result.images.mean()), 5),
         "image_std": round(float(result.images.std()), 5),
-        "threshold": policy.threshold if policy.kind in ("uem", "saturation") else None,
+        "threshold": policy.threshold if policy.kind in THRESHOLD_POLICIES else None,
         "layer": policy.layer if policy.kind == "static" else None,
         "policy": policy.kind, "granularity": policy.granularity,
         "sampler": a.sampler, "steps": steps, "n": a.n, "backend": a.backend,
@@ -121,14 +144,18 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     check_run_arguments(a)
     check_image_path(a.out)
     loaded = ckpt.load(a.checkpoint)
+    say_detected(loaded)
     defaults = exit_defaults(loaded)
     policy = exit_policy(a, defaults)
     steps = steps_for(a.sampler, a.steps)
-    guidance = defaults.guidance if a.guidance is None else a.guidance
     c = loaded.model.config
+    guidance = run_guidance(a.guidance, defaults.guidance, c.num_classes)
     if a.backend == "rt":
         result = generate_rt(a.engines, (c.in_chans, c.img_size, c.img_size), c.num_classes, a.n, policy,
-                             a.sampler, steps, guidance, a.seed, final_x0=a.final_x0)
+                             a.sampler, steps, guidance, a.seed, final_x0=a.final_x0, batch_size=a.batch_size)
+        if a.sampler == "euler" and result.chunk < min(a.n, a.batch_size):
+            print(f"note: adadiff_rt ran chunks of {result.chunk} samples (what the engines' max_batch holds); "
+                  f"the torch backend draws the same Euler-Maruyama noise with --batch-size {result.chunk}")
     else:
         result = generate(loaded, a.n, policy, a.sampler, steps, guidance, a.seed, a.batch_size, final_x0=a.final_x0)
     path = save_grid(result.images, a.out, nrow=c.num_classes if c.num_classes and a.n % c.num_classes == 0 else None)

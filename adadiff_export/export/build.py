@@ -189,6 +189,8 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
         raise FileNotFoundError(f"the shipped checkpoint {ckpt} is missing from this installation; "
                                 "pass a CHECKPOINT file to build")
     loaded = load(ckpt)
+    if loaded.note:
+        log(loaded.note)
     require_finite(loaded)
     check_runtime_memory(loaded, opts, log)
     trt = tensorrt_build.probe() if opts.tensorrt != "off" else None

@@ -6,13 +6,12 @@ This module needs no torch: anything that reads an engines folder can use it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ..files import write_atomically
+from ..files import sha256_file, write_atomically  # noqa: F401 (sha256_file: re-exported, build and verify use it)
 from ..sampling.exit_settings import ExitDefaults
 
 FORMAT = "adadiff-engines"
@@ -193,15 +192,6 @@ class Manifest:
 
 
 # ----- helpers ----------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    """Lowercase hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def check_file_name(name: str, what: str = "file") -> str:
     """Refuse anything but a plain file name inside the folder (no '/', '\\', '..', absolute, empty)."""

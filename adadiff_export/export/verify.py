@@ -139,7 +139,8 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
     loaded = load_checkpoint(ckpt)
     figures = par.segment_parity(loaded.model, folder, manifest.segments, batch=min(4, manifest.max_batch),
                                  seed=1, uncertainty_map=any(len(s.outputs) == 3 for s in manifest.layers()))
-    say(par.summarize(f"parity: every segment vs PyTorch ({ckpt.name})", figures))
+    how = ", converted in memory from the authors' format" if loaded.note else ""
+    say(par.summarize(f"parity: every segment vs PyTorch ({ckpt.name}{how})", figures))
     par.require(figures)
     chain = par.chain_parity(loaded.model, loaded.schedule, folder, manifest, batch=min(16, manifest.max_batch), seed=1)
     say(f"parity: chained early exit vs reference (threshold {chain.threshold:.4g}): exit mismatches "

@@ -3,6 +3,9 @@
 Layout: {"format": "adadiff-checkpoint", "version": 1, "config": {...}, "schedule": {...},
 "ema": state_dict, "model": state_dict (training only), "optimizer": ..., "step": int,
 "defaults": {"threshold": float, "guidance": float}, "provenance": {...}}.
+
+`load` also takes a state dict saved by the authors' code (U-ViT, AdaDiff) and converts it in memory
+(`model/convert.py`); `Loaded.note` then says what it detected.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class Loaded:
     defaults: Dict[str, Any] = field(default_factory=dict)
     raw: Dict[str, Any] = field(default_factory=dict)
     path: Optional[Path] = None
+    note: str = ""  # what was detected when the file was converted in memory (lines), else ""
 
 
 def read_weights_only(path: Path) -> Any:
@@ -58,18 +62,55 @@ def read_weights_only(path: Path) -> Any:
 def read_raw(path: Path) -> Dict[str, Any]:
     """Read a checkpoint dict safely; every failure becomes one CheckpointError naming the file."""
     path = Path(path)
-    raw = read_weights_only(path)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    return _check_format(read_weights_only(path), path)
+
+
+def _check_format(raw: Any, path: Path) -> Dict[str, Any]:
+    if not is_adadiff(raw):
         raise CheckpointError(f"{path} is not an adadiff checkpoint (missing format {FORMAT!r})")
     if raw.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {raw.get('version')}, this code reads {VERSION}")
     return raw
 
 
-def load(path: Optional[Path] = None, use_ema: bool = True) -> Loaded:
-    """Load a checkpoint (the shipped one when `path` is None) into an eval-mode float32 model."""
+def is_adadiff(raw: Any) -> bool:
+    """Whether what torch.load returned claims to be an adadiff checkpoint."""
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
+def read_or_convert(path: Path, options=None):
+    """(raw adadiff checkpoint dict, note): the file itself, or a state dict of the authors' code converted in
+    memory (`convert.ConvertOptions` `options`), with what was detected as the note."""
+    from ..files import sha256_file
+    from .convert import ConvertError, ConvertOptions, NotAUViT, convert_raw
+
+    path = Path(path)
+    raw = read_weights_only(path)
+    if is_adadiff(raw):
+        return _check_format(raw, path), ""
+    try:
+        conv = convert_raw(raw, path, sha256_file(path), options or ConvertOptions())
+    except NotAUViT:
+        raise CheckpointError(f"{path} is not an adadiff checkpoint (missing format {FORMAT!r}) nor a state dict "
+                              "of the authors' U-ViT or AdaDiff code") from None
+    except ConvertError as e:
+        hint = ""
+        if "--" in str(e):  # a flag of `convert`, which this in-memory conversion cannot take
+            hint = (f" (the flag is `convert`'s: `python -m adadiff_export convert {path} -o OUT.pt` with it, then "
+                    "pass OUT.pt)")
+        raise CheckpointError(f"{path}: {e}{hint}") from None
+    return conv.payload, f"{path.name}: converted in memory (save it with `python -m adadiff_export convert`)\n" \
+        + conv.describe()
+
+
+def load(path: Optional[Path] = None, use_ema: bool = True, convert_options=None) -> Loaded:
+    """Load a checkpoint (the shipped one when `path` is None) into an eval-mode float32 model.
+
+    A state dict of the authors' code is converted in memory (`convert_options`: `convert.ConvertOptions`);
+    `Loaded.note` says what was detected.
+    """
     path = Path(path) if path is not None else SHIPPED_CHECKPOINT
-    raw = read_raw(path)
+    raw, note = read_or_convert(path, convert_options)
     try:
         config = ModelConfig.from_dict(raw["config"])
         schedule = VPSchedule.from_dict(raw.get("schedule", {}))
@@ -86,7 +127,7 @@ def load(path: Optional[Path] = None, use_ema: bool = True) -> Loaded:
         first = str(e).splitlines()[0:3]
         raise CheckpointError(f"checkpoint {path}: weights do not match its config {config}: {' '.join(first)}") from None
     model.eval()
-    return Loaded(model, schedule, dict(raw.get("defaults", {})), raw, path)
+    return Loaded(model, schedule, dict(raw.get("defaults", {})), raw, path, note)
 
 
 def require_finite(loaded: Loaded) -> None:

@@ -1,8 +1,11 @@
 """Model configurations: one dataclass and the named presets the CLI knows."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict
+
+TOKEN_ORDERS = ("time_first", "label_first")
 
 
 @dataclass(frozen=True)
@@ -13,6 +16,14 @@ class ModelConfig:
     `num_classes` = 0 builds an unconditional model; otherwise one extra
     embedding row (index `num_classes`) is the null class used by
     classifier-free guidance.
+
+    The last four fields are conventions, so that a checkpoint converted from the authors' code
+    (`model/convert.py`) computes their function exactly; the defaults are this repository's own:
+    `time_scale` (the sinusoid is of t * time_scale; the authors' continuous-time models use 999),
+    `time_mlp` (the time embedding is an MLP over the sinusoid; False: the raw sinusoid, the
+    authors' `mlp_time_embed=False`), `qkv_bias` (the authors' released configs: False) and
+    `token_order` ("time_first": [time, class, patches]; "label_first": the authors' [class, time,
+    patches]).
     """
 
     img_size: int = 28
@@ -23,6 +34,10 @@ class ModelConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     num_classes: int = 10
+    time_scale: float = 1000.0
+    time_mlp: bool = True
+    qkv_bias: bool = True
+    token_order: str = "time_first"
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.depth % 2 == 0:
@@ -31,6 +46,10 @@ class ModelConfig:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        if self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
+        if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
+            raise ValueError(f"time_scale must be a positive number, got {self.time_scale}")
 
     @property
     def num_patches(self) -> int:

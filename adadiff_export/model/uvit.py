@@ -1,6 +1,7 @@
 """U-ViT with AdaDiff uncertainty estimation modules (UEMs).
 
 Layout (docs/ARCHITECTURE.md, "The model"): tokens are [time, class?, patches]
+(or [class?, time, patches] with `token_order="label_first"`, the authors' order)
 plus a learned position embedding; `depth = 2k + 1` blocks with long skips from
 in block k+1-j into out block j; one output head shared by every layer; one UEM
 per layer fed with the detached hidden state and time embedding.
@@ -21,14 +22,14 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
-TIME_SCALE = 1000.0  # the network sees t in [0, 1] as t * 1000 (sinusoidal embedding)
+TIME_SCALE = 1000.0  # the network sees t in [0, 1] as t * 1000 (ModelConfig.time_scale; the authors' 999)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of a float time vector [B] -> [B, dim]."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = TIME_SCALE) -> Tensor:
+    """Sinusoidal embedding of a float time vector [B] -> [B, dim], of t * scale."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * TIME_SCALE)[:, None] * freqs[None]
+    args = (t.float() * scale)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -52,10 +53,10 @@ def unpatchify(x: Tensor, channels: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,11 +69,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; out blocks first fuse the long skip."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool, qkv_bias: bool = True) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -115,12 +116,13 @@ class UViT(nn.Module):
         c = config
         d = c.embed_dim
         self.patch_embed = nn.Conv2d(c.in_chans, d, kernel_size=c.patch_size, stride=c.patch_size)
-        self.time_embed = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.time_embed = (nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d)) if c.time_mlp
+                           else nn.Identity())
         self.label_emb = nn.Embedding(c.num_classes + 1, d) if c.num_classes > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, d))
         k = c.num_in_blocks
         self.blocks = nn.ModuleList(
-            [Block(d, c.num_heads, c.mlp_ratio, skip=i > k) for i in range(c.depth)]
+            [Block(d, c.num_heads, c.mlp_ratio, skip=i > k, qkv_bias=c.qkv_bias) for i in range(c.depth)]
         )
         self.norm = nn.LayerNorm(d)
         self.decoder_pred = nn.Linear(d, c.patch_dim)
@@ -156,12 +158,13 @@ class UViT(nn.Module):
     def stem(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Image, time (float in [0, 1]) and class -> tokens [B, T, D] and time embedding [B, D]."""
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        temb = self.time_embed(timestep_embedding(t, self.config.embed_dim))
+        temb = self.time_embed(timestep_embedding(t, self.config.embed_dim, scale=self.config.time_scale))
         extra = [temb[:, None, :]]
         if self.label_emb is not None:
             if y is None:
                 raise ValueError("a class-conditional model needs y (use the null class for unconditional)")
-            extra.append(self.label_emb(y)[:, None, :])
+            label = self.label_emb(y)[:, None, :]
+            extra = [label] + extra if self.config.token_order == "label_first" else extra + [label]
         h = torch.cat(extra + [tokens], dim=1) + self.pos_embed
         return h, temb
 

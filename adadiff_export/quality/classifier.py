@@ -18,7 +18,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,7 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, cfg: Classifier
             sched.step()
             bar.update(1)
             if b % 50 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()
     return model.eval()
 
@@ -158,21 +158,49 @@ def save_classifier(model: FashionClassifier, path: Path, test_accuracy: float, 
     write_atomic(payload, path)
 
 
-def train_and_save(out: Path, cfg: ClassifierTrainConfig, command: str) -> Tuple[float, float]:
-    """Train on the Fashion-MNIST training set, measure the test set, and write the classifier file `out`.
+def _labelled_splits(data: str, test_data: Optional[str], img_size: int, channels: int, seed: int):
+    """(train, test) datasets; refuses data without at least two classes (a classifier needs labels)."""
+    from ..data import DataError, Dataset, load_dataset
 
-    Returns (test accuracy, minutes of training); `command` is recorded in the file's provenance.
+    if data == "fashion-mnist":
+        train = load_dataset(data, split="train")
+        test = load_dataset(data, split="test") if test_data is None else None
+    else:
+        train, test = load_dataset(data, img_size, channels), None
+    if test_data is not None:
+        test = load_dataset(test_data, img_size, channels, "test")
+    elif test is None:  # hold out 10% of the data, the same split for the same seed
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        cut = max(2, len(train) // 10)
+        test = Dataset(train.images[perm[:cut]], train.labels[perm[:cut]])
+        train = Dataset(train.images[perm[cut:]], train.labels[perm[cut:]])
+    if int(train.labels.max()) < 1:
+        raise DataError(f"{data} has one class only: a classifier needs labels (an .npz 'labels' array, or one "
+                        "sub-folder per class)")
+    if tuple(test.images.shape[1:]) != tuple(train.images.shape[1:]):
+        raise DataError(f"test images {tuple(test.images.shape[1:])} differ from training images "
+                        f"{tuple(train.images.shape[1:])}")
+    return train, test
+
+
+def train_and_save(out: Path, cfg: ClassifierTrainConfig, command: str, data: str = "fashion-mnist",
+                   test_data: Optional[str] = None, img_size: int = 28, channels: int = 1) -> Tuple[float, float]:
+    """Train on `data` (Fashion-MNIST's training set by default, or an .npz / image folder with labels),
+    measure the test set (`test_data`; Fashion-MNIST's own, else 10% of `data` held out), and write the
+    classifier file `out`, whose test-set feature statistics are what FD compares samples with.
+
+    `img_size` and `channels` are the images a folder is read at (an .npz has its own). Returns (test
+    accuracy, minutes of training); `command` is recorded in the file's provenance.
     """
-    from ..data import load_fashion_mnist
-
-    train = load_fashion_mnist("train")
-    test = load_fashion_mnist("test")
+    train, test = _labelled_splits(data, test_data, img_size, channels, cfg.seed)
+    config = ClassifierConfig(in_chans=int(train.images.shape[1]), img_size=int(train.images.shape[-1]),
+                              num_classes=int(max(train.labels.max(), test.labels.max())) + 1)
     start = time.time()
-    model = train_classifier(train.images, train.labels, cfg)
+    model = train_classifier(train.images, train.labels, cfg, config)
     minutes = (time.time() - start) / 60
     acc = accuracy(model, test.images, test.labels)
     stats = feature_stats(model, test.images)
-    provenance = {"train": asdict(cfg), "minutes": round(minutes, 2), "machine": platform.processor() or platform.machine(),
+    provenance = {"train": asdict(cfg), "data": data, "test_data": test_data, "minutes": round(minutes, 2), "machine": platform.processor() or platform.machine(),
                   "torch": str(torch.__version__), "command": command}
     save_classifier(model, out, acc, stats, provenance)
     return acc, minutes

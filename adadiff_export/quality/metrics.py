@@ -54,6 +54,31 @@ def load_classifier(path: Optional[Path] = None) -> LoadedClassifier:
     return LoadedClassifier(model.eval(), stats, float(raw.get("test_accuracy", float("nan"))), path)
 
 
+def fd_note(clf: LoadedClassifier) -> str:
+    """What FD means with this classifier (FD_NOTE for the shipped one)."""
+    if clf.path == SHIPPED_CLASSIFIER:
+        return FD_NOTE
+    return f"FD is measured in the feature space of classifier {clf.path.name} (not Inception FID)"
+
+
+def measurable(clf: LoadedClassifier, img_size: int, in_chans: int, num_classes: int) -> Optional[str]:
+    """Check, before any sampling, that `clf` can measure a model's images; returns None when class accuracy
+    is measurable too, else why not (FD still is). Images of another shape raise CheckpointError saying how
+    to train a classifier for them."""
+    c = clf.model.config
+    if (c.img_size, c.in_chans) != (img_size, in_chans):
+        raise CheckpointError(
+            f"classifier {clf.path.name} measures {c.img_size}x{c.img_size}x{c.in_chans} images, the model makes "
+            f"{img_size}x{img_size}x{in_chans}: train one on your data (`python -m adadiff_export classifier "
+            "--data images.npz|folder/ --out clf.pt`, labelled) and pass --classifier clf.pt")
+    if num_classes == 0:
+        return "the model is unconditional: no classes to check; FD only"
+    if c.num_classes != num_classes:
+        return (f"the model has {num_classes} classes, classifier {clf.path.name} {c.num_classes}: accuracy "
+                "needs the same classes; FD only")
+    return None
+
+
 def gaussian_stats(feats: Tensor) -> GaussianStats:
     """Fit a Gaussian to features [N, F] (N >= 2)."""
     f = feats.detach().double()

@@ -13,6 +13,15 @@ Semantics, which adadiff_rt reproduces exactly:
   authors' rule, where the batch score is the mean of s_i over the samples still running) counts
   consecutive layers with s_i < threshold, and resets to 0 otherwise. When it reaches `patience`
   the sample (or the whole batch) exits at layer i. Layer N always exits.
+- `uem-authors` is the rule of the AdaDiff authors' code, for their published thresholds (a
+  certainty threshold tau is u threshold 1 - tau; `model/convert.py`). One decision for the batch
+  on the mean of u_i over its samples ("triggered" when below the threshold). In blocks (layers
+  1..k) need a second trigger: the batch exits at the in block where the count of triggered in
+  blocks, consecutive or not, reaches 2. From the mid block (layer k + 1) on, the first trigger
+  exits. Granularity must be `batch` and patience 1 (the rule has its own). Under classifier-free
+  guidance the authors make two calls, so the conditional and unconditional halves decide apart:
+  `groups` = 2 splits the rows into two halves by their original index, each with its own mean
+  and count.
 - `uem-time` takes its threshold, and the layers a sample may exit at, from the bin of the
   sample's t in `table`: below min_layers[k] a layer never counts as below the threshold, the
   threshold is thresholds[k], and a sample still running after max_layers[k] exits there.
@@ -35,6 +44,7 @@ from ..model.uvit import UViT
 from .exit_settings import GRANULARITIES, POLICIES, TimeTable
 
 TABLE_POLICIES = ("uem-time", "schedule")
+UEM_POLICIES = ("uem", "uem-authors")  # one threshold on the layer's mean uncertainty
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,14 @@ class ExitPolicy:
 
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.kind == "uem" and not 0.0 <= self.threshold <= 1.0:
+        if self.kind == "uem-authors":
+            if self.granularity != "batch":
+                raise ValueError("policy 'uem-authors' decides for the batch (the authors' rule); use granularity "
+                                 "'batch'")
+            if self.patience != 1:
+                raise ValueError("policy 'uem-authors' has the authors' own patience (two triggers in the in "
+                                 "blocks, one from the mid block on); leave patience at 1")
+        if self.kind in UEM_POLICIES and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
@@ -96,7 +113,7 @@ class ExitResult:
 def _scores(model: UViT, policy: ExitPolicy, i: int, h: Tensor, h_prev: Tensor, temb: Tensor,
             u_out: Tensor, active: Tensor) -> Optional[Tensor]:
     """Per-sample score of layer i (0-based) for the running samples; records u when computed."""
-    if policy.kind in ("uem", "uem-time"):
+    if policy.kind in ("uem", "uem-time", "uem-authors"):
         u = model.uncertainty(i, h, temb).mean(dim=(1, 2, 3))
         u_out[active, i] = u
         return u
@@ -107,10 +124,18 @@ def _scores(model: UViT, policy: ExitPolicy, i: int, h: Tensor, h_prev: Tensor, 
 
 
 @torch.no_grad()
-def early_exit(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor], policy: ExitPolicy) -> ExitResult:
-    """One denoiser call with early exit; see the module docstring for the exact rule."""
+def early_exit(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor], policy: ExitPolicy,
+               groups: int = 1) -> ExitResult:
+    """One denoiser call with early exit; see the module docstring for the exact rule.
+
+    `groups`: `uem-authors` decides apart for each of this many equal parts of the rows (2 under
+    classifier-free guidance: the authors' two calls); other policies ignore it.
+    """
     n_layers = model.depth
     b = x.shape[0]
+    if groups < 1 or b % groups:
+        raise ValueError(f"groups must divide the batch {b}, got {groups}")
+    group = torch.arange(b) // (b // groups)
     h, temb = model.stem(x, t, y)
     eps = torch.empty_like(x)
     exit_layer = torch.full((b,), n_layers, dtype=torch.int64)
@@ -141,12 +166,23 @@ def early_exit(model: UViT, x: Tensor, t: Tensor, y: Optional[Tensor], policy: E
             if policy.kind == "uem-time":
                 kb = bins[active]
                 below = (here >= _per_bin(policy.table.min_layers, kb)) & (s < _per_bin(policy.table.thresholds, kb, s.dtype))
+            elif policy.kind == "uem-authors":
+                g = group[active]
+                trig = torch.zeros_like(g, dtype=torch.bool)
+                for k_ in g.unique():
+                    trig[g == k_] = s[g == k_].mean() < policy.threshold
+                if here <= k:  # in blocks: the second trigger, consecutive or not
+                    count = count + trig.long()
+                    exits = count >= 2
+                else:          # the mid block and the out blocks: the first trigger
+                    exits = trig
             elif policy.granularity == "batch":
                 below = (s.mean() < policy.threshold).expand(h.shape[0])
             else:
                 below = s < policy.threshold
-            count = torch.where(below, count + 1, torch.zeros_like(count))
-            exits = count >= policy.patience
+            if policy.kind != "uem-authors":
+                count = torch.where(below, count + 1, torch.zeros_like(count))
+                exits = count >= policy.patience
             if policy.kind == "uem-time":
                 exits = exits | (here >= _per_bin(policy.table.max_layers, bins[active]))
         if exits.any():
@@ -181,7 +217,12 @@ class EarlyExitDenoiser:
     history: List[Tensor] = field(default_factory=list)  # one [B] tensor of exit layers per call
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
-        r = early_exit(self.model, x, t, y, self.policy)
+        return self.call_groups(x, t, y, 1)
+
+    def call_groups(self, x: Tensor, t: Tensor, y: Optional[Tensor], groups: int) -> Tensor:
+        """A call whose rows are `groups` stacked batches (samplers.guided: the conditional and the
+        unconditional half), which `uem-authors` decides on apart, as the authors' two calls do."""
+        r = early_exit(self.model, x, t, y, self.policy, groups)
         self.history.append(r.exit_layer)
         return r.eps
 

@@ -112,7 +112,7 @@ def step_bounds(times: Sequence[float], steps_per_bin: int) -> Tuple[float, ...]
     return tuple(0.5 * (float(times[s - 1]) + float(times[s])) for s in starts)
 
 
-POLICIES = ("uem", "uem-time", "schedule", "static", "saturation")
+POLICIES = ("uem", "uem-time", "schedule", "static", "saturation", "uem-authors")
 GRANULARITIES = ("sample", "batch")
 DEFAULT_THRESHOLD = 0.1  # a checkpoint or manifest that stores none (random or unfinished weights)
 DEFAULT_GUIDANCE = 2.0

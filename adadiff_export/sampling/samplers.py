@@ -10,14 +10,59 @@ t_eps is removed. Classifier-free guidance wraps a denoiser
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..model.schedule import VPSchedule
 
 Denoiser = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """adadiff_rt's splitmix64 (csrc/kernels_common.hpp) on uint64 arrays (numpy wraps mod 2^64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class CounterNormal:
+    """adadiff_rt's random normals: element i of step n under seed s is a fixed function of (s, n, i)
+    (splitmix64 and Box-Muller in float64, rounded to float32; `gaussian` in csrc/kernels_common.hpp).
+
+    A sampler given one instead of a torch.Generator draws exactly the noise adadiff_rt's `sample(...,
+    seed=s)` draws for the same batch (i is the flat index over the whole batch [B, C, H, W]), so the two
+    give the same stochastic samples (Euler-Maruyama, DDIM with eta > 0) up to float rounding.
+    """
+
+    def __init__(self, seed: int) -> None:
+        if not 0 <= int(seed) < 2 ** 64:
+            raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+        self.seed = int(seed)
+
+    def normal(self, shape: Tuple[int, ...], step: int) -> Tensor:
+        with np.errstate(over="ignore"):
+            i = np.arange(int(np.prod(shape)), dtype=np.uint64)
+            a = _splitmix64(np.uint64(self.seed) ^ _splitmix64((np.uint64(step) << np.uint64(40)) ^ i))
+            b = _splitmix64(a)
+        u1 = ((a >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * (1.0 / 9007199254740992.0)
+        u2 = (b >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+        z = np.sqrt(-2.0 * np.log(u1)) * np.cos(6.283185307179586 * u2)
+        return torch.from_numpy(z.astype(np.float32).reshape(shape))
+
+
+Noise = Union[torch.Generator, CounterNormal, None]
+
+
+def _normal(generator: Noise, x: Tensor, step: int) -> Tensor:
+    """Standard normals shaped like x for sampler step `step`, from a torch generator or a CounterNormal."""
+    if isinstance(generator, CounterNormal):
+        return generator.normal(tuple(x.shape), step).to(x.dtype).to(x.device)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 def time_grid(schedule: VPSchedule, steps: int, spacing: str = "logsnr") -> Tensor:
@@ -43,16 +88,20 @@ def guided(denoiser: Denoiser, guidance: float, null_class: int) -> Denoiser:
     """Classifier-free guidance: eps = eps_u + w (eps_c - eps_u), one batched call for both.
 
     w = 1 is the plain conditional model (no extra pass). The unconditional half
-    uses class `null_class`.
+    uses class `null_class`. A denoiser with a `call_groups(x, t, y, groups)` method is told
+    that the call stacks two batches (early_exit.EarlyExitDenoiser: exit rules that decide per
+    batch decide per half there, as two separate calls would).
     """
     if guidance == 1.0:
         return denoiser
+    call = getattr(denoiser, "call_groups", None)
 
     def fn(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
         null = torch.full_like(y, null_class)
-        eps = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        eps = call(*args, 2) if call is not None else denoiser(*args)
         cond, uncond = eps.chunk(2)
         return uncond + guidance * (cond - uncond)
 
@@ -65,7 +114,7 @@ def _tvec(t: float, x: Tensor) -> Tensor:
 
 def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 100,
                 y: Optional[Tensor] = None, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None, final_x0: bool = False) -> Tensor:
+                generator: Noise = None, final_x0: bool = False) -> Tensor:
     """DDIM (Song et al. 2021); eta = 0 is deterministic, eta = 1 is DDPM-like."""
     ts = time_grid(schedule, steps).tolist()
     for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
@@ -77,12 +126,12 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int 
         c = eta * (s_s / s_t) * math.sqrt(max(0.0, 1.0 - (a_t / a_s) ** 2))
         x = a_s * x0 + math.sqrt(max(0.0, s_s ** 2 - c ** 2)) * eps
         if c > 0:
-            x = x + c * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = x + c * _normal(generator, x, n)
     return x.clamp(-1, 1)
 
 
 def sample_dpm_solver_pp(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 50,
-                         y: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                         y: Optional[Tensor] = None, generator: Noise = None,
                          final_x0: bool = False) -> Tensor:
     """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022); first step is first order."""
     ts = time_grid(schedule, steps).tolist()
@@ -107,7 +156,7 @@ def sample_dpm_solver_pp(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, st
 
 def sample_euler_maruyama(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 1000,
                           y: Optional[Tensor] = None,
-                          generator: Optional[torch.Generator] = None, final_x0: bool = False) -> Tensor:
+                          generator: Noise = None, final_x0: bool = False) -> Tensor:
     """Euler-Maruyama on the reverse VP SDE (the paper's 1000-step setting); no noise on the last step."""
     ts = time_grid(schedule, steps, "uniform").tolist()
     for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
@@ -118,7 +167,7 @@ def sample_euler_maruyama(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, s
         beta = schedule.beta(t)
         x = x + (0.5 * beta * x - beta * eps / schedule.sigma(t)) * dt
         if n < steps - 1:
-            x = x + math.sqrt(beta * dt) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = x + math.sqrt(beta * dt) * _normal(generator, x, n)
     return x.clamp(-1, 1)
 
 
@@ -145,7 +194,7 @@ def steps_for(name: str, steps: Optional[int] = None) -> int:
 
 
 def sample(name: str, denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: Optional[int] = None,
-           y: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, **kw) -> Tensor:
+           y: Optional[Tensor] = None, generator: Noise = None, **kw) -> Tensor:
     """Run the sampler called `name` (`dpm++`, `ddim` or `euler`) for `steps` (default: the sampler's)."""
     steps = steps_for(name, steps)  # first: it refuses an unknown sampler by name
     return SAMPLERS[name](denoiser, x, schedule, steps, y=y, generator=generator, **kw)

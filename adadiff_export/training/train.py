@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,15 @@ from ..sampling.samplers import guided, sample_dpm_solver_pp
 from .losses import AllLayers, LossConfig, diffusion_loss
 
 
+# ModelConfig fields a run may set from the command line (over a preset, or to check an --init's shape).
+SHAPE_FIELDS = ("img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads", "num_classes")
+
+
 @dataclass
 class TrainConfig:
     out: Path = Path("runs/train")
-    config: str = "small"
+    config: Optional[str] = None  # a preset name; None: the --init checkpoint's shape, else "small"
+    shape: Dict[str, int] = field(default_factory=dict)  # SHAPE_FIELDS set over the preset (a custom shape)
     data: str = "fashion-mnist"
     steps: int = 10000
     batch_size: int = 128
@@ -97,11 +102,27 @@ def sample_grid(model: UViT, schedule: VPSchedule, path: Path, guidance: float, 
     return save_grid(imgs, path, nrow=8)
 
 
-def _load_init(model: UViT, path: Path) -> None:
-    loaded = ckpt.load(path)
-    if loaded.model.config != model.config:
-        raise ckpt.CheckpointError(f"--init checkpoint {path} has config {loaded.model.config}, training {model.config}")
-    model.load_state_dict(loaded.model.state_dict())
+def model_config(cfg: TrainConfig, init: Optional[ModelConfig] = None, saved: Optional[ModelConfig] = None) -> ModelConfig:
+    """The shape a run trains: a preset (`config`, default "small") with `shape` set over it; with an --init
+    checkpoint (`init`) or a run to resume (`saved`), that one's config, which a preset or shape given too must
+    match (the first difference is named)."""
+    unknown = set(cfg.shape) - set(SHAPE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown shape fields {sorted(unknown)} (known: {', '.join(SHAPE_FIELDS)})")
+    have = saved or init
+    if have is None:
+        base = preset(cfg.config or "small")
+        return ModelConfig.from_dict({**base.to_dict(), **cfg.shape})
+    what = f"{cfg.out / 'ckpt.pt'} (resumed)" if saved is not None else f"--init {cfg.init}"
+    want = {**(preset(cfg.config).to_dict() if cfg.config else {}), **cfg.shape}
+    for key, value in want.items():
+        if getattr(have, key) != value:
+            raise ValueError(f"{what} has {key} {getattr(have, key)}, but {value} was asked for "
+                             f"({'--config ' + cfg.config if cfg.config else 'a shape flag'}); leave it out to "
+                             "train that checkpoint's shape")
+    if init is not None and saved is not None and init != saved:
+        raise ValueError(f"--init {cfg.init} and the run to resume ({cfg.out / 'ckpt.pt'}) have different configs")
+    return have
 
 
 def reset_uems(model: UViT, ema: UViT, opt: torch.optim.Optimizer) -> None:
@@ -118,30 +139,35 @@ def reset_uems(model: UViT, ema: UViT, opt: torch.optim.Optimizer) -> None:
     ema.uems.load_state_dict(model.uems.state_dict())
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train and return the path of the latest checkpoint."""
+def train(cfg: TrainConfig, log_line: Callable[[str], None] = print) -> Path:
+    """Train and return the path of the latest checkpoint; `log_line` gets what was detected in an --init file."""
     from tqdm import tqdm
 
     dd = _init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + dd.rank)
-    mcfg: ModelConfig = preset(cfg.config)
+    out = Path(cfg.out)
+    latest = out / "ckpt.pt"
+    raw = ckpt.read_raw(latest) if cfg.resume and latest.exists() else None
+    init = ckpt.load(cfg.init) if cfg.init is not None else None
+    if init is not None and init.note and dd.main:
+        log_line(init.note)
+    saved = ModelConfig.from_dict(raw["config"]) if raw is not None else None
+    mcfg = model_config(cfg, init.model.config if init is not None else None, saved)
     data = load_dataset(cfg.data, mcfg.img_size, mcfg.in_chans, "train")
     check_shape(data, mcfg.img_size, mcfg.in_chans)
     if mcfg.num_classes and int(data.labels.max()) >= mcfg.num_classes:
-        raise ValueError(f"data has label {int(data.labels.max())}, config {cfg.config} has {mcfg.num_classes} classes")
-    schedule = VPSchedule()
+        raise ValueError(f"data has label {int(data.labels.max())}, the model has {mcfg.num_classes} classes")
+    schedule = (VPSchedule.from_dict(raw["schedule"]) if raw is not None and "schedule" in raw
+                else init.schedule if init is not None else VPSchedule())
     model = UViT(mcfg)
-    if cfg.init is not None:
-        _load_init(model, cfg.init)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
-    out = Path(cfg.out)
-    latest = out / "ckpt.pt"
-    if cfg.resume and latest.exists():
-        raw = ckpt.read_raw(latest)
+    if raw is not None:
         model.load_state_dict(raw["model"])
         ema.load_state_dict(raw["ema"])
         opt.load_state_dict(raw["optimizer"])
@@ -164,7 +190,7 @@ def train(cfg: TrainConfig) -> Path:
                 "config": mcfg.to_dict(), "schedule": schedule.to_dict(),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "train": _jsonable(cfg),
-                "defaults": {"guidance": cfg.guidance},
+                "defaults": {"guidance": cfg.guidance if mcfg.num_classes else 1.0},
             }, latest)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not dd.main, dynamic_ncols=True, desc="train")
