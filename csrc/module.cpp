@@ -320,6 +320,7 @@ PYBIND11_MODULE(adadiff_rt, mod) {
   mod.attr("MANIFEST_VERSION") = kManifestVersion;
   mod.attr("has_openvino") = openvino_compiled();
   mod.attr("has_cuda") = cuda_compiled();
+  mod.attr("cuda_architectures") = std::string(cuda_architectures());
   mod.attr("has_tensorrt") = tensorrt_compiled();
   register_buffer_view(mod);
 

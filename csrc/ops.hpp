@@ -69,6 +69,9 @@ std::unique_ptr<Ops> make_cpu_ops();
 // no usable GPU or driver, and a different message when the module was built without CUDA.
 std::unique_ptr<Ops> make_cuda_ops(int device_index);
 bool cuda_compiled();
+// The CUDA_ARCHITECTURES the kernels were compiled for, comma-separated ("75-real,...,120": N-real
+// is machine code for sm_N, plain N adds compute_N PTX); "" without CUDA.
+const char* cuda_architectures();
 
 // Memory owned by an Ops; freed when it goes out of scope.
 class Buffer {

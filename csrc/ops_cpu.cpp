@@ -128,6 +128,7 @@ std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
 
 #ifndef ADADIFF_WITH_CUDA
 bool cuda_compiled() { return false; }
+const char* cuda_architectures() { return ""; }
 std::unique_ptr<Ops> make_cuda_ops(int) {
   throw std::runtime_error("device='cuda': this adadiff_rt was built without CUDA (nvcc was not found at build time)");
 }
