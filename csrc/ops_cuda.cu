@@ -17,6 +17,22 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// The calling thread's current device switched to `device` for a scope and restored after it, so
+// no call into adadiff_rt leaves the caller (or torch) on another GPU.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }  // cannot throw; restoring a device that was current does not fail
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 constexpr int kThreads = 256;
 inline int blocks(int64_t n) { return int((n + kThreads - 1) / kThreads < 65535 ? (n + kThreads - 1) / kThreads : 65535); }
 
@@ -89,18 +105,21 @@ class CudaOps final : public Ops {
                                (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
     if (device < 0 || device >= count)
       throw std::invalid_argument("device_id " + std::to_string(device) + " is outside 0.." + std::to_string(count - 1));
-    check(cudaSetDevice(device), "cudaSetDevice");
+    DeviceGuard on(device);
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "cudaEventCreate");
     check(cudaMallocHost(&m_host_, sizeof(int)), "cudaMallocHost");
   }
   ~CudaOps() override {
     // Destructors must not throw; a failing teardown leaves nothing to recover.
+    int previous = -1;
+    cudaGetDevice(&previous);
     cudaSetDevice(device_);
     if (stream_) cudaStreamSynchronize(stream_);
     if (m_host_) cudaFreeHost(m_host_);
     if (event_) cudaEventDestroy(event_);
     if (stream_) cudaStreamDestroy(stream_);
+    if (previous >= 0) cudaSetDevice(previous);
   }
   CudaOps(const CudaOps&) = delete;
   CudaOps& operator=(const CudaOps&) = delete;
@@ -108,35 +127,42 @@ class CudaOps final : public Ops {
   bool is_cuda() const override { return true; }
   void* stream() const override { return stream_; }
   int device_id() const override { return device_; }
-  void activate() override { check(cudaSetDevice(device_), "cudaSetDevice"); }
+  int enter() override {
+    int previous = 0;
+    check(cudaGetDevice(&previous), "cudaGetDevice");
+    if (previous != device_) check(cudaSetDevice(device_), "cudaSetDevice");
+    return previous;
+  }
 
   FreeMemory free_memory() const override {
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard on(device_);
     size_t free = 0, total = 0;
     check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
     return FreeMemory{uint64_t(free), "cudaMemGetInfo's free memory on cuda:" + std::to_string(device_)};
   }
 
   void hand_off(intptr_t consumer) override {
-    if (consumer == -1) return;
-    cudaStream_t s = consumer == 1 ? cudaStreamLegacy : consumer == 2 ? cudaStreamPerThread
-                                                                      : reinterpret_cast<cudaStream_t>(consumer);
-    if (s == stream_) return;
-    check(cudaEventRecord(event_, stream_), "cudaEventRecord");
-    check(cudaStreamWaitEvent(s, event_, 0), "cudaStreamWaitEvent");
+    if (consumer != -1) order(stream_, dlpack_stream(consumer));
+  }
+
+  void wait_for(intptr_t producer) override {
+    if (producer != -1) order(dlpack_stream(producer), stream_);
   }
 
   void* alloc(size_t bytes) override {
     void* p = nullptr;
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard on(device_);
     check(cudaMalloc(&p, bytes), "cudaMalloc");  // 256-byte aligned, as TensorRT asks
     check(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemset");
     return p;
   }
   void release(void* p) noexcept override {
+    int previous = -1;
+    cudaGetDevice(&previous);
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     cudaFree(p);
+    if (previous >= 0) cudaSetDevice(previous);
   }
 
   void upload(void* dst, const void* src, size_t bytes) override {
@@ -173,9 +199,10 @@ class CudaOps final : public Ops {
                                                int64_t(row / 4), true);
     check(cudaGetLastError(), "scatter kernel");
   }
-  int decide(const ExitParams& p, const ExitBuffers& b, int n) override {
+  int decide(const ExitParams& p, const ExitBuffers& b, int n, int known) override {
     decide_kernel<<<1, 1, 0, stream_>>>(p, b, n);
     check(cudaGetLastError(), "decide kernel");
+    if (known >= 0) return known;  // the bookkeeping stays queued; no round trip
     check(cudaMemcpyAsync(m_host_, b.m_out, sizeof(int), cudaMemcpyDeviceToHost, stream_), "exit count");
     check(cudaStreamSynchronize(stream_), "exit count sync");
     return *m_host_;
@@ -203,6 +230,17 @@ class CudaOps final : public Ops {
   void synchronize() override { check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
  private:
+  // DLPack's stream integers: 1 the legacy default stream, 2 the per-thread one, else a handle.
+  static cudaStream_t dlpack_stream(intptr_t s) {
+    return s == 1 ? cudaStreamLegacy : s == 2 ? cudaStreamPerThread : reinterpret_cast<cudaStream_t>(s);
+  }
+  // `second` waits for what `first` has queued so far.
+  void order(cudaStream_t first, cudaStream_t second) {
+    if (first == second) return;
+    check(cudaEventRecord(event_, first), "cudaEventRecord");
+    check(cudaStreamWaitEvent(second, event_, 0), "cudaStreamWaitEvent");
+  }
+
   int device_;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t event_ = nullptr;
@@ -212,6 +250,30 @@ class CudaOps final : public Ops {
 }  // namespace
 
 bool cuda_compiled() { return true; }
+std::shared_ptr<void> device_alloc(int device, size_t bytes) {
+  DeviceGuard on(device);
+  void* p = nullptr;
+  check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");
+  return std::shared_ptr<void>(p, [device](void* q) {
+    int previous = -1;
+    cudaGetDevice(&previous);
+    cudaSetDevice(device);
+    cudaFree(q);  // synchronizes with the device: no queued work still writes q
+    if (previous >= 0) cudaSetDevice(previous);
+  });
+}
+int pointer_device(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error state of a failed query
+    return -1;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged ? a.device : -1;
+}
+void restore_device(int previous) noexcept {
+  int now = -1;
+  if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous) cudaSetDevice(previous);
+}
 const char* cuda_architectures() { return ADADIFF_CUDA_ARCHS; }
 std::unique_ptr<Ops> make_cuda_ops(int device_index) { return std::make_unique<CudaOps>(device_index); }
 
