@@ -727,6 +727,13 @@ Every file is checked against its sha256 in manifest.json before use.
            py::arg("stream") = py::none(),
            R"doc(One early-exit denoiser call: x float32 [B,C,H,W], t float32 [B] (continuous time), y int64 [B].
 
+Arrays: numpy, any CPU DLPack object (torch CPU tensors, no copy) or, on a device='cuda' Runtime,
+CUDA memory (DLPack or __cuda_array_interface__), all on one device; the results come back as the
+input's kind on its device (torch in, torch out; numpy otherwise; CUDA: adadiff_rt.DeviceArray or the
+input library's tensor). stream (CUDA: a torch/CuPy stream or a cudaStream_t int): the runtime's work
+is ordered after the stream's and the stream's later work after it, and the call does not wait;
+without it a CUDA call waits for its results.
+
 Returns (eps float32 [B,C,H,W], exit_layer int64 [B] (1-based), u float32 [B,N] with NaN where not
 computed). policy "uem" (the paper's rule: exit when u < threshold) | "uem-time" (thresholds and a
 layer range by time) | "schedule" (an exit layer by time) | "static" (static_layer) | "saturation";
@@ -740,6 +747,8 @@ thresholds} as in the manifest. Every argument left None takes the manifest's ex
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
            py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = false, py::arg("stream") = py::none(),
            R"doc(The whole sampling loop in C++ (mirrors adadiff_export.sampling.samplers).
+
+Arrays and stream as for denoise; layers_used is a host array (numpy, or torch for torch inputs).
 
 sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
 default (classifier-free guidance, one batched call: cond half first, then the null class);
