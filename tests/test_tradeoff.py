@@ -66,15 +66,16 @@ def test_tradeoff_refuses_bad_budgets_before_work(tiny_checkpoint, capsys):
 def test_calibrate_checkpoint_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "cal.pt"
     rc = main(["calibrate", str(tiny_checkpoint), "--out", str(out), "--target-layers", "0.6", "--samples", "6",
-               "--bins", "2", "--policies", "schedule,uem"])
+               "--bins", "2", "--policies", "schedule,uem", "--default", "uem"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
-    assert "default policy:" in text and "schedule" in text
+    assert "default policy: uem" in text and "schedule" in text
     from adadiff_export.model.checkpoint import load
     from adadiff_export.sampling.generate import exit_defaults
 
     d = exit_defaults(load(out))
-    assert d.schedule is not None and d.policy in ("schedule", "uem")
+    assert d.schedule is not None and d.policy == "uem"  # --default overrides the lowest J
+    assert load(out).raw["provenance"]["calibration"]["default"] == "uem"
     rc = main(["sample", str(out), "--n", "2", "--steps", "3", "--out", str(tmp_path / "g.png"), "--json"])
     assert rc == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -85,6 +86,7 @@ def test_calibrate_checkpoint_from_the_command_line(tiny_checkpoint, tmp_path, c
     (["--target-layers", "1.5"], "--target-layers"),
     (["--samples", "1"], "--samples"),
     (["--policies", "uem"], "schedule is always fitted"),
+    (["--policies", "schedule,uem", "--default", "uem-time"], "--default uem-time is not among --policies"),
 ])
 def test_calibrate_refuses_bad_flags_before_work(tiny_checkpoint, capsys, argv, message):
     assert main(["calibrate", str(tiny_checkpoint), *argv]) == 2

@@ -53,10 +53,13 @@ class CalibrationReport:
     features: str
     runs: int
 
-    def defaults(self, base: ExitDefaults, budget: Optional[float] = None) -> ExitDefaults:
-        """`base` with the fitted tables of `budget` (default: the first) and its best policy as the default."""
+    def defaults(self, base: ExitDefaults, budget: Optional[float] = None, default: Optional[str] = None) -> ExitDefaults:
+        """`base` with the fitted tables of `budget` (default: the first) and a default policy: `default` if given
+        (e.g. chosen on a larger evaluation than the calibration set), else the one with the lowest J."""
         fit = self.budgets[0] if budget is None else min(self.budgets, key=lambda b: abs(b.budget - budget))
-        best = fit.best.policy
+        if default is not None and default not in fit.fits:
+            raise ValueError(f"default policy {default!r} was not fitted; fitted: {', '.join(fit.fits)}")
+        best = fit.fits[default].policy if default is not None else fit.best.policy
         uem_time = fit.fits.get("uem-time")
         return replace(base, policy=best.kind, schedule=fit.schedule.schedule,
                        uem_time=uem_time.policy.table if uem_time is not None else base.uem_time,

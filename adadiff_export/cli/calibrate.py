@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="checkpoint target: write the calibrated copy here")
     p.add_argument("--policies", default="schedule,uem-time,uem",
                    help="comma-separated policies to fit (schedule, uem-time, uem, saturation)")
+    p.add_argument("--default", default=None, choices=("schedule", "uem-time", "uem", "saturation"),
+                   help="the policy stored as the default (one of --policies); without it, the one whose finished "
+                        "samples moved least on the calibration set. Use it when a larger evaluation (`tradeoff`) "
+                        "ranks the policies otherwise than 128 calibration samples can")
     add_budget_arguments(p)
     p.set_defaults(func=_cmd_calibrate)
 
@@ -34,6 +38,9 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
     kw = budget_options(a)
     kw["policies"] = _policies(a.policies)
+    if a.default is not None and a.default not in kw["policies"]:
+        raise ValueError(f"--default {a.default} is not among --policies {a.policies}")
+    kw["default"] = a.default
     target = a.target if a.target is not None else Path("engines")
     if target.is_dir():
         if a.out is not None:

@@ -60,8 +60,9 @@ def curve(report: CalibrationReport) -> List[CalibrationPoint]:
 
 
 def calibrate_folder(folder: Path, loaded: Optional[Loaded] = None, checkpoint: Optional[Path] = None,
-                     log: Callable[[str], None] = print, **kw) -> CalibrationReport:
-    """Fit and rewrite `folder/manifest.json`: the fitted tables, the best policy as the default, the curve."""
+                     log: Callable[[str], None] = print, default: Optional[str] = None, **kw) -> CalibrationReport:
+    """Fit and rewrite `folder/manifest.json`: the fitted tables, the best policy (or `default`) as the default,
+    the curve."""
     folder = Path(folder)
     manifest = load(folder, check=True)
     if loaded is None:
@@ -73,7 +74,7 @@ def calibrate_folder(folder: Path, loaded: Optional[Loaded] = None, checkpoint: 
             raise FileNotFoundError("the checkpoint this folder was built from is not at hand; pass --checkpoint")
         loaded = load_checkpoint(ckpt)
     report = fit(loaded, guidance=manifest.exit.guidance if loaded.model.config.num_classes else 1.0, log=log, **kw)
-    manifest.exit = report.defaults(manifest.exit)
+    manifest.exit = report.defaults(manifest.exit, default=default)
     manifest.calibration = curve(report)
     write(manifest, folder)
     log(format_report(report, manifest.depth))
@@ -82,8 +83,9 @@ def calibrate_folder(folder: Path, loaded: Optional[Loaded] = None, checkpoint: 
 
 
 def calibrate_checkpoint(path: Optional[Path], out: Optional[Path] = None, log: Callable[[str], None] = print,
-                         **kw) -> CalibrationReport:
-    """Fit and store the result in a checkpoint's `defaults` (at `out`, or in place)."""
+                         default: Optional[str] = None, **kw) -> CalibrationReport:
+    """Fit and store the result in a checkpoint's `defaults` (at `out`, or in place); `default` names the
+    default policy instead of the lowest J."""
     from ..model.checkpoint import SHIPPED_CHECKPOINT, load as load_checkpoint, read_raw, write_atomic
 
     path = Path(path) if path is not None else SHIPPED_CHECKPOINT
@@ -93,10 +95,11 @@ def calibrate_checkpoint(path: Optional[Path], out: Optional[Path] = None, log: 
     loaded = load_checkpoint(path)
     report = fit(loaded, log=log, **kw)
     raw = read_raw(path)
-    raw["defaults"] = report.defaults(exit_defaults(loaded)).to_dict()
+    raw["defaults"] = report.defaults(exit_defaults(loaded), default=default).to_dict()
     provenance = dict(raw.get("provenance") or {})
     provenance["calibration"] = {"samples": report.samples, "features": report.features, "runs": report.runs,
-                                 "budgets": [b.budget for b in report.budgets]}
+                                 "budgets": [b.budget for b in report.budgets],
+                                 "default": default or "lowest J"}
     raw["provenance"] = provenance
     write_atomic(raw, target)
     log(format_report(report, loaded.model.depth))
