@@ -45,6 +45,9 @@ struct ExitParams {
   int static_layer = 0;  // 1-based exit layer of `static` (already resolved: 0 means n_layers)
   int group_rows = 0;    // uem-authors: rows per group that decides apart (guidance: the batch; 0: one group)
   TimeTableView table;   // `schedule`, and `uem` with time-dependent thresholds (uem-time)
+  // 0: no row exits at this layer, whatever the score (the host decided: a threshold no score can
+  // pass, so it need not read the count back); -1: the rule decides.
+  int forced = -1;
 };
 
 // Pointers into runtime buffers (host or device, all on the same side).
@@ -95,6 +98,9 @@ ADADIFF_HD void decide_exits(const ExitParams& p, const ExitBuffers& b, int n) {
     bool exits;
     if (last) {
       exits = true;
+    } else if (p.forced == 0) {
+      c = 0;
+      exits = false;
     } else if (p.policy == Policy::Static) {
       exits = here >= p.static_layer;
     } else if (p.policy == Policy::Schedule) {

@@ -116,6 +116,8 @@ std::unique_ptr<Runtime> open_runtime(const std::string& dir, const RuntimeOptio
   Manifest m = load_manifest(dir);
   const std::string kind = choose_engine(m, o, bool(make_engine));
   std::unique_ptr<Ops> ops = make_ops(o.device, o.device_id);
+  // TensorRT deserializes onto the current device: the Runtime's, for this call only.
+  DeviceScope on(*ops);
   const int capacity = capacity_for(m, kind);
   // Before an engine compiles: OpenVINO's compile takes seconds, and the answer does not depend on it.
   memory_check(m, capacity, *ops);

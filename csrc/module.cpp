@@ -9,11 +9,16 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
+#include "dlpack.h"
 #include "dlpack_engine.hpp"
 #include "load.hpp"
 #include "openvino_engine.hpp"
+#include "plan_check.hpp"
 #include "tensorrt_engine.hpp"
 
 namespace py = pybind11;
@@ -109,6 +114,193 @@ py::dict exit_dict(const ExitDefaults& e) {
   return d;
 }
 
+// ---- arrays in and out -------------------------------------------------------------------------
+// denoise / sample / full take numpy arrays, any CPU DLPack object (torch CPU tensors, JAX ...; viewed
+// through numpy.from_dlpack, no copy) or CUDA memory (DLPack or __cuda_array_interface__: torch CUDA
+// tensors, CuPy), and return arrays of the input's kind on the input's device.
+
+// What a CUDA input's memory is, and what keeps it alive for the call.
+struct ArrayArg {
+  py::object keep;                     // the numpy array / the imported capsule's owner / the object
+  const void* data = nullptr;
+  bool cuda = false;
+  int device = -1;
+  std::vector<int64_t> shape;
+  py::object library = py::none();     // CPU: the module whose from_dlpack turns results into the input's kind
+  py::array host;                      // CPU: the C-contiguous numpy view or copy
+};
+
+// Owns an imported DLPack tensor until the Python object holding it goes.
+struct ImportedTensor {
+  DLManagedTensor* mt = nullptr;
+  ~ImportedTensor() {
+    if (mt && mt->deleter) mt->deleter(mt);
+  }
+};
+
+py::object library_of(const py::handle& obj) {
+  const std::string mod = py::str(py::type::handle_of(obj).attr("__module__"));
+  const std::string top = mod.substr(0, mod.find('.'));
+  if (top == "numpy" || top == "builtins") return py::none();
+  try {
+    py::module_ m = py::module_::import(top.c_str());
+    if (py::hasattr(m, "from_dlpack")) return std::move(m);
+  } catch (const py::error_already_set&) {
+  }
+  return py::none();
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// A C-contiguous CUDA array of `bits`-wide `code` elements (DLPack codes: 0 int, 2 float).
+void check_cuda_layout(const char* name, const char* dtype, bool dtype_ok, const std::vector<int64_t>& shape,
+                       const int64_t* strides_elems) {
+  if (!dtype_ok) throw py::type_error(std::string(name) + " must have dtype " + dtype);
+  if (strides_elems) {
+    int64_t expect = 1;
+    for (int i = int(shape.size()) - 1; i >= 0; --i) {
+      if (shape[size_t(i)] != 1 && strides_elems[i] != expect)
+        throw py::value_error(std::string(name) + " must be C-contiguous on the GPU (call .contiguous())");
+      expect *= shape[size_t(i)];
+    }
+  }
+}
+
+template <class T>
+ArrayArg array_arg(const py::handle& obj, const char* name, const char* dtype, Ops& ops) {
+  ArrayArg a;
+  auto from_numpy = [&](const py::handle& arr) {
+    a.host = typed<T>(arr, name, dtype);
+    a.keep = a.host;
+    a.data = a.host.data();
+    for (py::ssize_t i = 0; i < a.host.ndim(); ++i) a.shape.push_back(a.host.shape(i));
+  };
+  if (py::isinstance<py::array>(obj)) {
+    from_numpy(obj);
+    return a;
+  }
+  const int want_code = std::is_floating_point<T>::value ? kDLFloat : kDLInt;
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    const py::tuple dev = obj.attr("__dlpack_device__")();
+    const int type = dev[0].cast<int>();
+    if (type == kDLCPU) {
+      from_numpy(py::module_::import("numpy").attr("from_dlpack")(obj));
+      a.library = library_of(obj);
+      return a;
+    }
+    if (type != kDLCUDA)
+      throw py::type_error(std::string(name) + ": DLPack device type " + std::to_string(type) +
+                           " is neither the CPU nor a CUDA GPU");
+    if (!ops.is_cuda())
+      throw py::value_error(std::string(name) + " is on cuda:" + std::to_string(dev[1].cast<int>()) +
+                            " and this Runtime is on the CPU: pass host arrays, or open the folder with device='cuda'");
+    // The producer orders its pending writes before the runtime's stream (the DLPack stream protocol).
+    py::object cap = obj.attr("__dlpack__")(py::arg("stream") = reinterpret_cast<intptr_t>(ops.stream()));
+    if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
+      throw py::type_error(std::string(name) + ".__dlpack__() did not return a dltensor capsule");
+    auto owner = std::make_unique<ImportedTensor>();
+    owner->mt = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+    PyCapsule_SetName(cap.ptr(), "used_dltensor");
+    const DLTensor& t = owner->mt->dl_tensor;
+    a.shape.assign(t.shape, t.shape + t.ndim);
+    check_cuda_layout(name, dtype, t.dtype.code == want_code && t.dtype.bits == 8 * sizeof(T) && t.dtype.lanes == 1,
+                      a.shape, t.strides);
+    a.data = static_cast<const char*>(t.data) + t.byte_offset;
+    a.cuda = true;
+    a.device = t.device.device_id;
+    a.keep = py::capsule(owner.release(), [](void* p) { delete static_cast<ImportedTensor*>(p); });
+    a.library = library_of(obj);
+    return a;
+  }
+  if (py::hasattr(obj, "__cuda_array_interface__")) {
+    const py::dict cai = obj.attr("__cuda_array_interface__");
+    if (!ops.is_cuda())
+      throw py::value_error(std::string(name) + " is CUDA memory (__cuda_array_interface__) and this Runtime is on the CPU");
+    a.shape = cai["shape"].cast<std::vector<int64_t>>();
+    const std::string ts = cai["typestr"].cast<std::string>();
+    const std::string want = std::string("<") + (std::is_floating_point<T>::value ? "f" : "i") + std::to_string(sizeof(T));
+    std::vector<int64_t> strides;
+    if (cai.contains("strides") && !cai["strides"].is_none())
+      for (int64_t b : cai["strides"].cast<std::vector<int64_t>>()) strides.push_back(b / int64_t(sizeof(T)));
+    check_cuda_layout(name, dtype, ts == want, a.shape, strides.empty() ? nullptr : strides.data());
+    // The interface's stream: the producer's pending writes come first (v3: None = no ordering needed).
+    if (cai.contains("stream") && !cai["stream"].is_none()) ops.wait_for(cai["stream"].cast<intptr_t>());
+    a.data = reinterpret_cast<const void*>(cai["data"].cast<py::tuple>()[0].cast<uintptr_t>());
+    a.cuda = true;
+    a.device = pointer_device(a.data);
+    a.keep = py::reinterpret_borrow<py::object>(obj);
+    a.library = library_of(obj);
+    return a;
+  }
+  throw py::type_error(std::string(name) + " must be a numpy array of " + dtype +
+                       ", a DLPack tensor (torch, JAX, CuPy) or CUDA memory with __cuda_array_interface__; got " +
+                       std::string(py::str(py::type::handle_of(obj))));
+}
+
+// A result in device memory, handed to Python: DLPack and __cuda_array_interface__ over memory it owns.
+class DeviceArray {
+ public:
+  DeviceArray(std::shared_ptr<void> mem, std::vector<int64_t> shape, DLDataType dtype, int device)
+      : mem_(std::move(mem)), shape_(std::move(shape)), dtype_(dtype), device_(device) {}
+  void* data() const { return mem_.get(); }
+
+  py::capsule dlpack() const {
+    struct Holder {
+      DLManagedTensor managed{};
+      std::vector<int64_t> shape;
+      std::shared_ptr<void> mem;
+    };
+    auto* h = new Holder{{}, shape_, mem_};
+    DLTensor& t = h->managed.dl_tensor;
+    t.data = mem_.get();
+    t.device = DLDevice{kDLCUDA, device_};
+    t.ndim = int32_t(shape_.size());
+    t.dtype = dtype_;
+    t.shape = h->shape.data();
+    h->managed.manager_ctx = h;
+    h->managed.deleter = [](DLManagedTensor* self) { delete static_cast<Holder*>(self->manager_ctx); };
+    return py::capsule(&h->managed, "dltensor", [](PyObject* cap) {
+      if (PyCapsule_IsValid(cap, "dltensor")) {
+        auto* mt = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+        if (mt && mt->deleter) mt->deleter(mt);
+      }
+    });
+  }
+  py::tuple dlpack_device() const { return py::make_tuple(int(kDLCUDA), device_); }
+  py::dict cuda_array_interface() const {
+    py::dict d;
+    d["shape"] = py::tuple(py::cast(shape_));
+    d["typestr"] = std::string("<") + (dtype_.code == kDLFloat ? "f" : "i") + std::to_string(dtype_.bits / 8);
+    d["data"] = py::make_tuple(reinterpret_cast<uintptr_t>(mem_.get()), false);
+    d["version"] = 3;
+    d["strides"] = py::none();
+    d["stream"] = py::none();  // complete when the call returned (or ordered on its stream=)
+    return d;
+  }
+  py::tuple shape() const { return py::tuple(py::cast(shape_)); }
+
+ private:
+  std::shared_ptr<void> mem_;
+  std::vector<int64_t> shape_;
+  DLDataType dtype_;
+  int device_;
+};
+
+// A CUDA stream handle from `stream`: None, an int (cudaStream_t, or DLPack's 1 / 2), or an object
+// with .cuda_stream (torch.cuda.Stream) or .ptr (cupy.cuda.Stream).
+std::optional<intptr_t> stream_handle(const py::object& stream) {
+  if (stream.is_none()) return std::nullopt;
+  if (py::isinstance<py::int_>(stream)) return stream.cast<intptr_t>();
+  for (const char* attr : {"cuda_stream", "ptr"})
+    if (py::hasattr(stream, attr)) return stream.attr(attr).cast<intptr_t>();
+  throw py::type_error("stream must be None, a CUDA stream handle (int) or a stream object with .cuda_stream "
+                       "(torch) or .ptr (CuPy), got " + std::string(py::str(py::type::handle_of(stream))));
+}
+
 class PyRuntime {
  public:
   PyRuntime(const std::string& dir, const std::string& device, const std::string& engine,
@@ -126,8 +318,12 @@ class PyRuntime {
     EngineMaker callables;
     if (segments)
       callables = [&segments](const Manifest& m, Ops* ops, int capacity) {
+        py::gil_scoped_acquire gil;  // the callables are Python objects
         return make_dlpack_engine(m, ops, *segments, capacity);
       };
+    // Hashing every file and compiling (or deserializing) the engines takes seconds: other Python
+    // threads run meanwhile.
+    py::gil_scoped_release release;
     rt_ = open_runtime(dir, o, callables);
     device_ = device;
   }
@@ -141,39 +337,35 @@ class PyRuntime {
   py::tuple denoise(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj,
                     std::optional<std::string> policy, std::optional<double> threshold, std::optional<int> patience,
                     std::optional<std::string> granularity, std::optional<int> static_layer,
-                    std::optional<py::dict> table) {
+                    std::optional<py::dict> table, const py::object& stream) {
     const ModelDesc& c = rt_->manifest().model;
     const Inputs in = inputs(x_obj, t_obj, y_obj);
     const int b = in.batch;
-    const F32 &x = in.x, &t = in.t;
-    const std::optional<I64>& y = in.y;
     DenoiseOptions o{policy, threshold, patience, granularity, static_layer, time_table(table, policy)};
-    F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
-    I64 layer(std::vector<py::ssize_t>{py::ssize_t(b)});
-    F32 u({py::ssize_t(b), py::ssize_t(c.depth)});
-    const float* xp = x.data();
-    const float* tp = t.data();
-    const int64_t* yp = y ? y->data() : nullptr;
-    float* ep = eps.mutable_data();
-    int64_t* lp = layer.mutable_data();
-    float* up = u.mutable_data();
+    const Call call(*this, in.x, stream);
+    Output eps = call.output<float>({b, c.in_chans, c.img_size, c.img_size});
+    Output layer = call.output<int64_t>({b});
+    Output u = call.output<float>({b, c.depth});
     {
       py::gil_scoped_release release;
-      rt_->denoise(b, xp, tp, yp, o, ep, lp, up);
+      rt_->denoise(b, static_cast<const float*>(in.x.data), static_cast<const float*>(in.t.data),
+                   in.y ? static_cast<const int64_t*>(in.y->data) : nullptr, o, eps.f32(), layer.i64(), u.f32(),
+                   in.x.cuda);
+      call.finish();
     }
-    return py::make_tuple(eps, layer, u);
+    return py::make_tuple(call.result(eps), call.result(layer), call.result(u));
   }
 
   py::tuple sample(const py::object& noise_obj, const py::object& y_obj, const std::string& sampler,
                    std::optional<int> steps, std::optional<double> guidance, std::optional<std::string> policy,
                    std::optional<double> threshold, std::optional<int> patience,
                    std::optional<std::string> granularity, std::optional<int> static_layer,
-                   std::optional<py::dict> table, double eta, uint64_t seed, bool final_x0) {
+                   std::optional<py::dict> table, double eta, uint64_t seed, bool final_x0, const py::object& stream) {
     const ModelDesc& c = rt_->manifest().model;
-    F32 noise = typed<float>(noise_obj, "noise", "float32");
-    check_image("noise", noise);
-    const int b = int(noise.shape(0));
-    std::optional<I64> y = labels(y_obj, b);
+    const ArrayArg noise = array_arg<float>(noise_obj, "noise", "float32", rt_->ops());
+    check_image("noise", noise.shape);
+    const int b = int(noise.shape[0]);
+    std::optional<ArrayArg> y = labels(y_obj, b, noise);
     if (steps && *steps < 1) throw py::value_error("steps must be >= 1, got " + std::to_string(*steps));
     SampleOptions o;
     o.sampler = sampler;
@@ -183,37 +375,34 @@ class PyRuntime {
     o.seed = seed;
     o.final_x0 = final_x0;
     o.exit = DenoiseOptions{policy, threshold, patience, granularity, static_layer, time_table(table, policy)};
-    F32 images({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
+    const Call call(*this, noise, stream);
+    Output images = call.output<float>({b, c.in_chans, c.img_size, c.img_size});
     std::vector<int64_t> layers;
     int n_steps = 0, be = 0;
-    const float* np_ = noise.data();
-    const int64_t* yp = y ? y->data() : nullptr;
-    float* ip = images.mutable_data();
     {
       py::gil_scoped_release release;
-      rt_->sample(b, np_, yp, o, ip, layers, n_steps, be);
+      rt_->sample(b, static_cast<const float*>(noise.data), y ? static_cast<const int64_t*>(y->data) : nullptr, o,
+                  images.f32(), layers, n_steps, be, noise.cuda);
+      call.finish();
     }
     I64 used({py::ssize_t(n_steps), py::ssize_t(be)});
     std::copy(layers.begin(), layers.end(), used.mutable_data());
-    return py::make_tuple(images, used);
+    return py::make_tuple(call.result(images), call.host_result(used));
   }
 
-  F32 full(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj) {
+  py::object full(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj, const py::object& stream) {
     const ModelDesc& c = rt_->manifest().model;
     const Inputs in = inputs(x_obj, t_obj, y_obj);
     const int b = in.batch;
-    const F32 &x = in.x, &t = in.t;
-    const std::optional<I64>& y = in.y;
-    F32 eps({py::ssize_t(b), py::ssize_t(c.in_chans), py::ssize_t(c.img_size), py::ssize_t(c.img_size)});
-    const float* xp = x.data();
-    const float* tp = t.data();
-    const int64_t* yp = y ? y->data() : nullptr;
-    float* ep = eps.mutable_data();
+    const Call call(*this, in.x, stream);
+    Output eps = call.output<float>({b, c.in_chans, c.img_size, c.img_size});
     {
       py::gil_scoped_release release;
-      rt_->full(b, xp, tp, yp, ep);
+      rt_->full(b, static_cast<const float*>(in.x.data), static_cast<const float*>(in.t.data),
+                in.y ? static_cast<const int64_t*>(in.y->data) : nullptr, eps.f32(), in.x.cuda);
+      call.finish();
     }
-    return eps;
+    return call.result(eps);
   }
 
   const Manifest& manifest() const { return rt_->manifest(); }
@@ -223,37 +412,110 @@ class PyRuntime {
 
  private:
   struct Inputs {
-    F32 x, t;
-    std::optional<I64> y;
+    ArrayArg x, t;
+    std::optional<ArrayArg> y;
     int batch;
   };
 
-  // x [B,C,H,W] float32, t [B] float32, y [B] int64 or None: checked, C-contiguous.
+  // One result array: numpy on the host, or device memory of the runtime's GPU.
+  struct Output {
+    py::array host;
+    std::shared_ptr<DeviceArray> dev;
+    float* f32() { return static_cast<float*>(dev ? dev->data() : host.mutable_data()); }
+    int64_t* i64() { return static_cast<int64_t*>(dev ? dev->data() : host.mutable_data()); }
+  };
+
+  // Where one call's arrays live (the first input's device), its stream, and how results go back.
+  class Call {
+   public:
+    Call(PyRuntime& r, const ArrayArg& first, const py::object& stream)
+        : r_(r), cuda_(first.cuda), library_(first.library), stream_(stream_handle(stream)) {
+      Ops& ops = r_.rt_->ops();
+      if (stream_ && !ops.is_cuda()) throw py::value_error("stream= is for a Runtime on device='cuda'");
+      if (cuda_ && first.device != ops.device_id())
+        throw py::value_error("the inputs are on cuda:" + std::to_string(first.device) + ", this Runtime on cuda:" +
+                              std::to_string(ops.device_id()));
+      if (stream_) ops.wait_for(*stream_);  // the caller's queued work (its inputs) first
+    }
+    template <class T>
+    Output output(std::vector<int64_t> shape) const {
+      Output o;
+      if (cuda_) {
+        size_t n = sizeof(T);
+        for (int64_t d : shape) n *= size_t(d);
+        const DLDataType dt = std::is_floating_point<T>::value ? DLDataType{kDLFloat, 32, 1} : DLDataType{kDLInt, 64, 1};
+        o.dev = std::make_shared<DeviceArray>(device_alloc(r_.rt_->ops().device_id(), n), std::move(shape), dt,
+                                              r_.rt_->ops().device_id());
+      } else {
+        o.host = py::array_t<T, py::array::c_style>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+      }
+      return o;
+    }
+    // After the runtime's work was queued (GIL released): with stream=, that stream is ordered after
+    // it and the call returns at once; without, a CUDA call waits for its results.
+    void finish() const {
+      if (!cuda_) return;
+      Ops& ops = r_.rt_->ops();
+      if (stream_) ops.hand_off(*stream_);
+      else ops.synchronize();
+    }
+    py::object result(const Output& o) const {
+      py::object arr = o.dev ? py::cast(o.dev) : py::object(o.host);
+      return library_.is_none() ? arr : library_.attr("from_dlpack")(arr);
+    }
+    // A host-only result (sample's layers) in the input's library where it takes CPU arrays.
+    py::object host_result(const py::array& a) const {
+      if (library_.is_none()) return a;
+      try {
+        return library_.attr("from_dlpack")(a);
+      } catch (const py::error_already_set&) {
+        return a;  // a library that takes only device arrays (CuPy): numpy
+      }
+    }
+
+   private:
+    PyRuntime& r_;
+    bool cuda_;
+    py::object library_;
+    std::optional<intptr_t> stream_;
+  };
+
+  // x [B,C,H,W] float32, t [B] float32, y [B] int64 or None, all on one device.
   Inputs inputs(const py::object& x_obj, const py::object& t_obj, const py::object& y_obj) const {
-    F32 x = typed<float>(x_obj, "x", "float32");
-    F32 t = typed<float>(t_obj, "t", "float32");
-    check_image("x", x);
-    const int b = int(x.shape(0));
-    if (t.ndim() != 1 || t.shape(0) != b)
-      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_of(t));
-    return Inputs{x, t, labels(y_obj, b), b};
+    ArrayArg x = array_arg<float>(x_obj, "x", "float32", rt_->ops());
+    ArrayArg t = array_arg<float>(t_obj, "t", "float32", rt_->ops());
+    check_image("x", x.shape);
+    const int b = int(x.shape[0]);
+    if (t.shape.size() != 1 || t.shape[0] != b)
+      throw py::value_error("t must have shape (" + std::to_string(b) + ",) to match x, got " + shape_str(t.shape));
+    same_device("t", t, x);
+    std::optional<ArrayArg> y = labels(y_obj, b, x);
+    return Inputs{std::move(x), std::move(t), std::move(y), b};
   }
 
-  void check_image(const char* name, const F32& a) const {
+  static void same_device(const char* name, const ArrayArg& a, const ArrayArg& first) {
+    if (a.cuda != first.cuda || a.device != first.device)
+      throw py::value_error(std::string(name) + " is on " + (a.cuda ? "cuda:" + std::to_string(a.device) : "the CPU") +
+                            ", the first input on " + (first.cuda ? "cuda:" + std::to_string(first.device) : "the CPU") +
+                            ": pass all inputs on one device");
+  }
+
+  void check_image(const char* name, const std::vector<int64_t>& s) const {
     const ModelDesc& c = rt_->manifest().model;
-    if (a.ndim() != 4 || a.shape(1) != c.in_chans || a.shape(2) != c.img_size || a.shape(3) != c.img_size)
+    if (s.size() != 4 || s[1] != c.in_chans || s[2] != c.img_size || s[3] != c.img_size)
       throw py::value_error(std::string(name) + " must have shape (B, " + std::to_string(c.in_chans) + ", " +
-                            std::to_string(c.img_size) + ", " + std::to_string(c.img_size) + "), got " + shape_of(a));
-    if (a.shape(0) < 1 || a.shape(0) > rt_->manifest().max_batch)
-      throw py::value_error(std::string(name) + ": batch " + std::to_string(a.shape(0)) + " is outside 1.." +
+                            std::to_string(c.img_size) + ", " + std::to_string(c.img_size) + "), got " + shape_str(s));
+    if (s[0] < 1 || s[0] > rt_->manifest().max_batch)
+      throw py::value_error(std::string(name) + ": batch " + std::to_string(s[0]) + " is outside 1.." +
                             std::to_string(rt_->manifest().max_batch) + " (the engines' max_batch)");
   }
 
-  std::optional<I64> labels(const py::object& y_obj, int b) const {
+  std::optional<ArrayArg> labels(const py::object& y_obj, int b, const ArrayArg& first) const {
     if (y_obj.is_none()) return std::nullopt;
-    I64 y = typed<int64_t>(y_obj, "y", "int64");
-    if (y.ndim() != 1 || y.shape(0) != b)
-      throw py::value_error("y must have shape (" + std::to_string(b) + ",), got " + shape_of(y));
+    ArrayArg y = array_arg<int64_t>(y_obj, "y", "int64", rt_->ops());
+    if (y.shape.size() != 1 || y.shape[0] != b)
+      throw py::value_error("y must have shape (" + std::to_string(b) + ",), got " + shape_str(y.shape));
+    same_device("y", y, first);
     return y;
   }
 
@@ -309,6 +571,67 @@ py::dict check_memory_for(const py::dict& model, int64_t max_batch, bool u_map, 
   return memory_dict(check_memory(desc, max_batch, u_map, device, device_id));
 }
 
+// A plan's I/O as register-plans reads it with the `tensorrt` package (and as the tests write it):
+// {"profiles": int, "tensors": [{"name", "input", "dtype", "shape", "min", "opt", "max"}]}.
+PlanInfo plan_from_dict(const py::dict& d) {
+  PlanInfo p;
+  p.profiles = d["profiles"].cast<int>();
+  for (auto item : d["tensors"].cast<py::list>()) {
+    const py::dict t = item.cast<py::dict>();
+    PlanTensor pt;
+    pt.name = t["name"].cast<std::string>();
+    pt.input = t["input"].cast<bool>();
+    pt.dtype = t["dtype"].cast<std::string>();
+    pt.shape = t["shape"].cast<std::vector<int64_t>>();
+    for (auto [key, dst] : {std::pair<const char*, std::vector<int64_t>*>{"min", &pt.min}, {"opt", &pt.opt}, {"max", &pt.max}})
+      if (t.contains(key) && !t[key].is_none()) *dst = t[key].cast<std::vector<int64_t>>();
+    p.tensors.push_back(std::move(pt));
+  }
+  return p;
+}
+
+// The manifest's tensorrt section as the runtime reads it, from a dict of the same fields.
+TensorRtDesc tensorrt_from_dict(const py::dict& d) {
+  TensorRtDesc t;
+  t.present = true;
+  t.version = d["version"].cast<std::string>();
+  t.gpu_arch = d.contains("gpu_arch") && !d["gpu_arch"].is_none() ? d["gpu_arch"].cast<std::string>() : "";
+  const py::dict prof = d["profile"].cast<py::dict>();
+  t.profile_min = prof["min"].cast<int>();
+  t.profile_opt = prof["opt"].cast<int>();
+  t.profile_max = prof["max"].cast<int>();
+  return t;
+}
+
+// Writers on `threads` C++ threads into one MessageLog and one ErrorList (what the TensorRT logger
+// and error recorder are made of), then what survived: the tests check that nothing was lost or torn.
+py::dict log_from_threads(int threads, int per_thread) {
+  MessageLog log(/*echo=*/false, size_t(threads) * size_t(per_thread));
+  ErrorList errors;
+  {
+    py::gil_scoped_release release;
+    std::vector<std::thread> pool;
+    for (int k = 0; k < threads; ++k)
+      pool.emplace_back([&, k] {
+        for (int i = 0; i < per_thread; ++i) {
+          const std::string msg = "thread " + std::to_string(k) + " message " + std::to_string(i);
+          log.add(i % 3, msg.c_str());  // internal error, error, warning: all kept
+          log.add(3, "info is not kept");
+          errors.add(k, msg.c_str());
+          if (i % 7 == 0) (void)errors.message("");
+        }
+      });
+    for (auto& t : pool) t.join();
+  }
+  py::dict d;
+  d["count"] = log.count();
+  d["recent"] = log.recent();
+  d["errors"] = errors.size();
+  d["overflowed"] = errors.overflowed();
+  d["error_message"] = errors.message("none");
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(adadiff_rt, mod) {
@@ -320,8 +643,43 @@ PYBIND11_MODULE(adadiff_rt, mod) {
   mod.attr("MANIFEST_VERSION") = kManifestVersion;
   mod.attr("has_openvino") = openvino_compiled();
   mod.attr("has_cuda") = cuda_compiled();
+  mod.attr("cuda_architectures") = std::string(cuda_architectures());
   mod.attr("has_tensorrt") = tensorrt_compiled();
+  mod.attr("tensorrt_version") = tensorrt_version();
   register_buffer_view(mod);
+
+  py::class_<DeviceArray, std::shared_ptr<DeviceArray>>(
+      mod, "DeviceArray", "A result in GPU memory (when the inputs were): DLPack and __cuda_array_interface__; owns it.")
+      .def(
+          "__dlpack__", [](const DeviceArray& a, py::object, py::object, py::object, py::object) { return a.dlpack(); },
+          py::arg("stream") = py::none(), py::kw_only(), py::arg("max_version") = py::none(),
+          py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__", &DeviceArray::dlpack_device)
+      .def_property_readonly("__cuda_array_interface__", &DeviceArray::cuda_array_interface)
+      .def_property_readonly("shape", &DeviceArray::shape);
+
+  mod.def("check_plan", [](const std::string& dir, const std::string& segment, const py::dict& plan, const py::dict& tensorrt) {
+            const Manifest m = load_manifest(dir);
+            if (m.segment_index(segment) < 0) throw py::value_error(dir + "/manifest.json has no segment '" + segment + "'");
+            check_plan(m.segment(segment), tensorrt_from_dict(tensorrt), plan_from_dict(plan), segment + ".plan");
+          },
+          py::arg("engines_dir"), py::arg("segment"), py::arg("plan"), py::arg("tensorrt"),
+          R"doc(The runtime's check of one TensorRT plan against the folder's manifest (the same code the
+TensorRT engine runs after deserializing): plan = {"profiles": int, "tensors": [{"name", "input" (bool),
+"dtype" ("float32", ...), "shape" (-1 dynamic), "min", "opt", "max" (profile 0, inputs)}]}; tensorrt =
+the manifest's tensorrt section (version, gpu_arch, profile). Raises RuntimeError naming the plan and
+the tensor: I/O count, a name the manifest does not know, mode, dtype, shape, profile range.)doc");
+  mod.def("plan_target_problem", [](const py::dict& tensorrt, int lib_version, int cc_major, int cc_minor) {
+            return plan_target_problem(tensorrt_from_dict(tensorrt), lib_version, cc_major, cc_minor);
+          },
+          py::arg("tensorrt"), py::arg("lib_version"), py::arg("cc_major"), py::arg("cc_minor"),
+          R"doc(Why plans described by a manifest's tensorrt section cannot run with TensorRT `lib_version`
+(major * 10000 + minor * 100 + patch) on a GPU of compute capability cc_major.cc_minor; "" when they
+can. The TensorRT engine refuses such plans with this message before reading them.)doc");
+  mod.def("tensorrt_log", []() { return tensorrt_log().recent(); },
+          "The most recent warnings and errors TensorRT logged in this process (also echoed to stderr).");
+  mod.def("_log_from_threads", &log_from_threads, py::arg("threads"), py::arg("per_thread"),
+          "Test hook: the TensorRT logger's and error recorder's storage written from C++ threads.");
 
   mod.def("check_engines", &check_folder, py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("device_id") = 0,
           R"doc(What Runtime(engines_dir, device=...) checks before any engine compiles, without compiling:
@@ -366,7 +724,15 @@ Every file is checked against its sha256 in manifest.json before use.
       .def("denoise", &PyRuntime::denoise, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
+           py::arg("stream") = py::none(),
            R"doc(One early-exit denoiser call: x float32 [B,C,H,W], t float32 [B] (continuous time), y int64 [B].
+
+Arrays: numpy, any CPU DLPack object (torch CPU tensors, no copy) or, on a device='cuda' Runtime,
+CUDA memory (DLPack or __cuda_array_interface__), all on one device; the results come back as the
+input's kind on its device (torch in, torch out; numpy otherwise; CUDA: adadiff_rt.DeviceArray or the
+input library's tensor). stream (CUDA: a torch/CuPy stream or a cudaStream_t int): the runtime's work
+is ordered after the stream's and the stream's later work after it, and the call does not wait;
+without it a CUDA call waits for its results.
 
 Returns (eps float32 [B,C,H,W], exit_layer int64 [B] (1-based), u float32 [B,N] with NaN where not
 computed). policy "uem" (the paper's rule: exit when u < threshold) | "uem-time" (thresholds and a
@@ -381,8 +747,10 @@ thresholds} as in the manifest. Every argument left None takes the manifest's ex
            py::arg("sampler") = "dpm++", py::arg("steps") = py::none(), py::arg("guidance") = py::none(),
            py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
-           py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = false,
+           py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = false, py::arg("stream") = py::none(),
            R"doc(The whole sampling loop in C++ (mirrors adadiff_export.sampling.samplers).
+
+Arrays and stream as for denoise; layers_used is a host array (numpy, or torch for torch inputs).
 
 sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
 default (classifier-free guidance, one batched call: cond half first, then the null class);
@@ -390,7 +758,8 @@ the exit arguments as for denoise (None: the manifest's defaults); final_x0: the
 its x0 prediction instead of stepping to t_eps.
 Returns (images float32 [B,C,H,W] in [-1, 1], layers_used int64 [steps, B_eff]), B_eff = 2B
 under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's own RNG (seed).)doc")
-      .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(),
+      .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
+           py::arg("stream") = py::none(),
            "The `full` segment (the whole model in one graph): the speed baseline.")
       .def_property_readonly("engine", &PyRuntime::engine_name)
       .def_property_readonly("device", &PyRuntime::device)

@@ -28,12 +28,17 @@ class Ops {
   // The cudaStream_t engines must enqueue on (nullptr on CPU).
   virtual void* stream() const { return nullptr; }
   virtual int device_id() const { return 0; }
-  // Makes this Ops' device current for the calling thread: a Runtime on device 1 may be called
-  // from a thread whose current device is 0, and kernels, copies and engines must land on its own.
-  virtual void activate() {}
+  // Makes this Ops' device current for the calling thread and returns the one that was (-1 on
+  // CPU); restore_device() puts it back. Use DeviceScope: a Runtime on device 1 may be called from
+  // a thread whose current device is 0, and its kernels, copies and engines must land on its own
+  // GPU, but the caller's thread (and torch on it) must find its own device again afterwards.
+  virtual int enter() { return -1; }
   // DLPack hand-off: make the consumer's stream (DLPack's integer convention: 1 legacy default,
   // 2 per-thread default, -1 none, else a cudaStream_t) wait for the work queued so far.
   virtual void hand_off(intptr_t /*consumer_stream*/) {}
+  // The reverse: the runtime's stream waits for the work the producer's stream (same convention)
+  // has queued so far, so inputs written there are complete before the runtime reads them.
+  virtual void wait_for(intptr_t /*producer_stream*/) {}
 
   // What alloc can still take on this device (the runtime checks its buffers against it first).
   virtual FreeMemory free_memory() const = 0;
@@ -52,8 +57,10 @@ class Ops {
   // dst row idx[j] = src row j
   virtual void scatter_rows(void* dst, const void* src, const int* idx, int m, size_t row_bytes) = 0;
 
-  // Runs decide_exits where the data lives; the host learns only the number exiting.
-  virtual int decide(const ExitParams& p, const ExitBuffers& b, int n) = 0;
+  // Runs decide_exits where the data lives; the host learns only the number exiting. `known` >= 0:
+  // the host already knows that number (static, schedule, a threshold no score can pass), so the
+  // device need not be waited for: CUDA returns it without reading anything back, the CPU checks it.
+  virtual int decide(const ExitParams& p, const ExitBuffers& b, int n, int known) = 0;
   // score[j] = ||h[j] - prev[j]|| / max(||prev[j]||, 1e-12) (the saturation policy)
   virtual void relative_change(float* score, const float* h, const float* prev, int n, int64_t row) = 0;
 
@@ -69,6 +76,30 @@ std::unique_ptr<Ops> make_cpu_ops();
 // no usable GPU or driver, and a different message when the module was built without CUDA.
 std::unique_ptr<Ops> make_cuda_ops(int device_index);
 bool cuda_compiled();
+// Device memory that outlives any Runtime (arrays handed to Python); freed by the last owner.
+// Throws without CUDA.
+std::shared_ptr<void> device_alloc(int device, size_t bytes);
+// The device a CUDA pointer belongs to (-1: host or unknown memory).
+int pointer_device(const void* p);
+// Makes `previous` (an Ops::enter() result) the current CUDA device again; -1: nothing to do.
+void restore_device(int previous) noexcept;
+// The CUDA_ARCHITECTURES the kernels were compiled for, comma-separated ("75-real,...,120": N-real
+// is machine code for sm_N, plain N adds compute_N PTX); "" without CUDA.
+const char* cuda_architectures();
+
+// Ops' device current for a scope, the caller's restored at its end (cudaSetDevice is per thread).
+class DeviceScope {
+ public:
+  // Holds no reference to `ops`: the scope may outlive it (open_runtime hands it to a Runtime
+  // whose constructor may throw and free it).
+  explicit DeviceScope(Ops& ops) : previous_(ops.enter()) {}
+  ~DeviceScope() { restore_device(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_;
+};
 
 // Memory owned by an Ops; freed when it goes out of scope.
 class Buffer {

@@ -91,8 +91,12 @@ class CpuOps final : public Ops {
     for (int j = 0; j < m; ++j) std::memcpy(d + size_t(idx[j]) * row, s + j * row, row);
   }
 
-  int decide(const ExitParams& p, const ExitBuffers& b, int n) override {
+  int decide(const ExitParams& p, const ExitBuffers& b, int n, int known) override {
     decide_exits(p, b, n);
+    // The CUDA path trusts `known` without reading the count back: every CPU run checks it.
+    if (known >= 0 && *b.m_out != known)
+      throw std::logic_error("adadiff_rt: the host expected " + std::to_string(known) + " rows to exit after layer " +
+                             std::to_string(p.layer + 1) + ", the rule exited " + std::to_string(*b.m_out) + " (a bug)");
     return *b.m_out;
   }
 
@@ -128,6 +132,12 @@ std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
 
 #ifndef ADADIFF_WITH_CUDA
 bool cuda_compiled() { return false; }
+void restore_device(int) noexcept {}
+std::shared_ptr<void> device_alloc(int, size_t) {
+  throw std::runtime_error("adadiff_rt was built without CUDA: no device memory");
+}
+int pointer_device(const void*) { return -1; }
+const char* cuda_architectures() { return ""; }
 std::unique_ptr<Ops> make_cuda_ops(int) {
   throw std::runtime_error("device='cuda': this adadiff_rt was built without CUDA (nvcc was not found at build time)");
 }

@@ -247,7 +247,7 @@ void Runtime::check_inputs(const char* fn, int batch, const float* x, const floa
   if (batch < 1 || batch > limit)
     invalid(std::string(fn) + ": batch " + std::to_string(batch) + " is outside 1.." + std::to_string(limit) +
             " (the engines' max_batch)");
-  const int64_t nx = int64_t(batch) * img_;
+  const int64_t nx = x ? int64_t(batch) * img_ : 0;  // x null: device memory, not scanned
   for (int64_t i = 0; i < nx; ++i)
     if (!std::isfinite(x[i]))
       invalid(std::string(fn) + ": input x holds NaN or Inf (first at flat index " + std::to_string(i) + ")");
@@ -312,8 +312,29 @@ bool Runtime::run_exit_graph(int n, void* const* in, const float* t_host, const 
   return true;
 }
 
+int Runtime::known_exits(const Resolved& r, int layer, int n, int rows, const float* t_host) const {
+  const ExitParams& p = r.p;
+  const int here = layer + 1;
+  if (here == n_layers_) return n;
+  switch (p.policy) {
+    case Policy::Static: return here >= p.static_layer ? n : 0;
+    case Policy::Schedule: {
+      // Rows scheduled for an earlier layer have left: those exiting now are the ones scheduled here.
+      int m = 0;
+      for (int j = 0; j < rows; ++j) m += r.table->min_layer[size_t(r.table->bin(t_host[j]))] == here ? 1 : 0;
+      return m;
+    }
+    case Policy::Uem:
+    case Policy::Saturation:
+      // u is a mean of sigmoids and the relative change a ratio of norms: neither is below 0.
+      return !r.table && p.threshold <= 0.0f ? 0 : -1;
+  }
+  return -1;
+}
+
 void Runtime::run_exit_loop(int n, const void* x, const float* t_host, const Resolved& r, int64_t* exit_layer) {
   const ExitParams& base = r.p;
+  const int rows = n;
   free_.clear();
   for (int i = int(hidden_.size()) - 1; i >= 0; --i) free_.push_back(i);
   saved_.clear();
@@ -370,6 +391,8 @@ void Runtime::run_exit_loop(int n, const void* x, const float* t_host, const Res
 
     ExitParams p = base;
     p.layer = i;
+    const int known = known_exits(r, i, n, rows, t_host);
+    if (known == 0) p.forced = 0;  // the device follows the host's answer, whatever a score holds
     ExitBuffers b{score,
                   t_in_.as<float>(),
                   active_[ab].as<int>(),
@@ -382,7 +405,7 @@ void Runtime::run_exit_loop(int n, const void* x, const float* t_host, const Res
                   exit_layer,
                   u_all_.as<float>(),
                   exit_count_.as<int>()};
-    const int m = ops_->decide(p, b, n);
+    const int m = ops_->decide(p, b, n, known);
     ab = 1 - ab;  // decide wrote the kept rows' samples and counters into the other pair
     if (m == 0) continue;
 
@@ -431,40 +454,62 @@ void Runtime::run_exit_loop(int n, const void* x, const float* t_host, const Res
   }
 }
 
-void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o,
-                      float* eps, int64_t* exit_layer, float* u) {
-  std::lock_guard<std::mutex> lock(mu_);
-  ops_->activate();
-  calls_ = 0;
-  Resolved r = resolve(o);
-  check_inputs("denoise", batch, x, t, y, std::min(m_.max_batch, cap_));
-  bind_table(r);
-  ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
-  ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
-  if (y) ops_->upload(y_in_.as(), y, size_t(batch) * sizeof(int64_t));
-  run_exit_loop(batch, x_in_.as(), t, r, exit_layer_.as<int64_t>());
-  ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
-  ops_->download(exit_layer, exit_layer_.as(), size_t(batch) * sizeof(int64_t));
-  if (r.p.policy == Policy::Uem || r.p.policy == Policy::UemAuthors) {
-    ops_->download(u, u_all_.as(), size_t(batch) * n_layers_ * sizeof(float));
-  } else {
-    for (int64_t i = 0; i < int64_t(batch) * n_layers_; ++i) u[i] = NAN;
+std::pair<const float*, const int64_t*> Runtime::read_back(int batch, const float* t, const int64_t* y) {
+  if (t) {
+    t_host_.resize(size_t(batch));
+    ops_->download(t_host_.data(), t, size_t(batch) * sizeof(float));
   }
+  if (y) {
+    y_host_.resize(size_t(batch));
+    ops_->download(y_host_.data(), y, size_t(batch) * sizeof(int64_t));
+  }
+  return {t ? t_host_.data() : nullptr, y ? y_host_.data() : nullptr};
 }
 
-void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, float* eps) {
+void Runtime::put(void* dst, const void* src, size_t bytes, bool device_io) {
+  if (device_io) ops_->copy(dst, src, bytes);
+  else ops_->upload(dst, src, bytes);
+}
+
+void Runtime::get(void* dst, const void* src, size_t bytes, bool device_io) {
+  if (device_io) ops_->copy(dst, src, bytes);
+  else ops_->download(dst, src, bytes);
+}
+
+void Runtime::denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o,
+                      float* eps, int64_t* exit_layer, float* u, bool device_io) {
   std::lock_guard<std::mutex> lock(mu_);
-  ops_->activate();
+  DeviceScope on(*ops_);
   calls_ = 0;
-  check_inputs("full", batch, x, t, y, std::min(m_.max_batch, cap_));
-  ops_->upload(x_in_.as(), x, size_t(batch) * img_ * sizeof(float));
-  ops_->upload(t_in_.as(), t, size_t(batch) * sizeof(float));
-  if (y) ops_->upload(y_in_.as(), y, size_t(batch) * sizeof(int64_t));
+  Resolved r = resolve(o);
+  const auto [th, yh] = device_io ? read_back(batch, t, y) : std::make_pair(t, y);
+  check_inputs("denoise", batch, device_io ? nullptr : x, th, yh, std::min(m_.max_batch, cap_));
+  bind_table(r);
+  put(x_in_.as(), x, size_t(batch) * img_ * sizeof(float), device_io);
+  put(t_in_.as(), t, size_t(batch) * sizeof(float), device_io);
+  if (y) put(y_in_.as(), y, size_t(batch) * sizeof(int64_t), device_io);
+  run_exit_loop(batch, x_in_.as(), th, r, exit_layer_.as<int64_t>());
+  get(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float), device_io);
+  get(exit_layer, exit_layer_.as(), size_t(batch) * sizeof(int64_t), device_io);
+  if (r.p.policy != Policy::Uem && r.p.policy != Policy::UemAuthors)
+    ops_->fill_f32(u_all_.as<float>(), int64_t(batch) * n_layers_, NAN);
+  get(u, u_all_.as(), size_t(batch) * n_layers_ * sizeof(float), device_io);
+}
+
+void Runtime::full(int batch, const float* x, const float* t, const int64_t* y, float* eps, bool device_io) {
+  std::lock_guard<std::mutex> lock(mu_);
+  DeviceScope on(*ops_);
+  calls_ = 0;
+  const auto [th, yh] = device_io ? read_back(batch, t, y) : std::make_pair(t, y);
+  check_inputs("full", batch, device_io ? nullptr : x, th, yh, std::min(m_.max_batch, cap_));
+  put(x_in_.as(), x, size_t(batch) * img_ * sizeof(float), device_io);
+  put(t_in_.as(), t, size_t(batch) * sizeof(float), device_io);
+  if (y) put(y_in_.as(), y, size_t(batch) * sizeof(int64_t), device_io);
   void* in[3];
   void* out[1] = {eps_out_.as()};
   model_inputs(m_.segments[seg_full_], x_in_.as(), in);
   run(seg_full_, batch, in, out);
-  ops_->download(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float));
+  get(eps, eps_out_.as(), size_t(batch) * img_ * sizeof(float), device_io);
 }
 
 int Runtime::resolve_steps(const SampleOptions& o) const {
@@ -484,10 +529,10 @@ double Runtime::resolve_guidance(const SampleOptions& o) const {
   return w;
 }
 
-void Runtime::sample(int batch, const float* noise, const int64_t* y, const SampleOptions& o, float* images,
-                     std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out) {
+void Runtime::sample(int batch, const float* noise, const int64_t* y_in, const SampleOptions& o, float* images,
+                     std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out, bool device_io) {
   std::lock_guard<std::mutex> lock(mu_);
-  ops_->activate();
+  DeviceScope on(*ops_);
   calls_ = 0;
   if (o.sampler != "dpm++" && o.sampler != "ddim" && o.sampler != "euler")
     invalid("sampler must be one of 'dpm++', 'ddim', 'euler', got '" + o.sampler + "'");
@@ -498,14 +543,18 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
   Resolved r = resolve(o.exit);
   if (guided) r.p.group_rows = batch;  // uem-authors: the halves decide apart, as the authors' two calls do
   const int limit = guided ? std::min(m_.max_batch, cap_ / 2) : std::min(m_.max_batch, cap_);
-  check_inputs("sample", batch, noise, nullptr, y, limit);
+  const int64_t* y = device_io ? read_back(batch, nullptr, y_in).second : y_in;  // the labels are rebuilt on the host
+  check_inputs("sample", batch, device_io ? nullptr : noise, nullptr, y, limit);
   bind_table(r);
   const int be = guided ? 2 * batch : batch;
   const int64_t n_img = int64_t(batch) * img_;
 
-  // Everything the loop needs is allocated or uploaded here, before it starts.
-  Buffer history(ops_.get(), size_t(steps) * be * sizeof(int64_t));
-  ops_->upload(x_state_.as(), noise, n_img * sizeof(float));
+  // Everything the loop needs is allocated or uploaded here, before it starts. The exit layers of
+  // every step grow one buffer that later calls reuse: no device allocation per call once warm.
+  const size_t history_bytes = size_t(steps) * be * sizeof(int64_t);
+  if (history_.bytes() < history_bytes) history_ = Buffer(ops_.get(), history_bytes);
+  Buffer& history = history_;
+  put(x_state_.as(), noise, n_img * sizeof(float), device_io);
   if (y) {
     std::vector<int64_t> yy(be, m_.model.null_class);
     for (int i = 0; i < batch; ++i) yy[i] = y[i];
@@ -568,7 +617,7 @@ void Runtime::sample(int batch, const float* noise, const int64_t* y, const Samp
     ops_->sampler_step(c, x, eps, x0_prev_.as<float>(), n_img);
   }
   ops_->clamp_unit(x, n_img);
-  ops_->download(images, x, n_img * sizeof(float));
+  get(images, x, n_img * sizeof(float), device_io);
   layers.resize(size_t(steps) * be);
   ops_->download(layers.data(), history.as(), layers.size() * sizeof(int64_t));
   steps_out = steps;

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine.hpp"
@@ -51,14 +52,18 @@ class Runtime {
   const Engine& engine() const { return *engine_; }
   bool is_cuda() const { return ops_->is_cuda(); }
 
-  // Host arrays in and out. eps [B, C, H, W], exit_layer [B], u [B, N].
+  // Arrays in and out: host memory, or with `device_io` memory of the Runtime's own device (CUDA),
+  // copied device to device on its stream with no wait at the end (the caller orders its stream
+  // after it: Ops::hand_off). Device inputs are not scanned for NaN; t and y are read back (a few
+  // bytes) for their checks and the host's exit decisions. eps [B, C, H, W], exit_layer [B], u [B, N].
   void denoise(int batch, const float* x, const float* t, const int64_t* y, const DenoiseOptions& o, float* eps,
-               int64_t* exit_layer, float* u);
-  // images [B, C, H, W]; layers [steps, B_eff] with B_eff = 2B under guidance.
+               int64_t* exit_layer, float* u, bool device_io = false);
+  // images [B, C, H, W]; layers [steps, B_eff] (host) with B_eff = 2B under guidance.
   void sample(int batch, const float* noise, const int64_t* y, const SampleOptions& o, float* images,
-              std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out);
+              std::vector<int64_t>& layers, int& steps_out, int& batch_eff_out, bool device_io = false);
   // The `full` graph (the speed baseline).
-  void full(int batch, const float* x, const float* t, const int64_t* y, float* eps);
+  void full(int batch, const float* x, const float* t, const int64_t* y, float* eps, bool device_io = false);
+  Ops& ops() { return *ops_; }
 
   // Engine executions the last denoise / sample / full call made (a chained forward: one per
   // segment run; a fused static or exit-graph forward: one).
@@ -79,6 +84,12 @@ class Runtime {
   // Uploads table_ to the table buffers and points r.p.table at them.
   void bind_table(Resolved& r);
   void check_inputs(const char* fn, int batch, const float* x, const float* t, const int64_t* y, int limit) const;
+  // Device inputs: t and y read back to host memory (t_host_, y_host_) for check_inputs and the host's
+  // decisions; returns the host pointers (nullptr stays nullptr).
+  std::pair<const float*, const int64_t*> read_back(int batch, const float* t, const int64_t* y);
+  // Into / out of the runtime's buffers: upload / download, or device copies with `device_io`.
+  void put(void* dst, const void* src, size_t bytes, bool device_io);
+  void get(void* dst, const void* src, size_t bytes, bool device_io);
   // The exit loop: x/t/y in runtime buffers (n rows); eps into eps_out_, layers into exit_layer
   // (runtime memory, n entries), u into u_all_.
   // t_host: each row's time on the host, which picks the fused paths of the time-table policies.
@@ -87,6 +98,9 @@ class Runtime {
   // the exit graph. Return false when the engine declines or rows differ (the chain then runs).
   bool run_schedule_fused(int n, void* const* in, const float* t_host, const Resolved& r, int64_t* exit_layer);
   bool run_exit_graph(int n, void* const* in, const float* t_host, const Resolved& r, int64_t* exit_layer);
+  // Rows (of the n working ones) that exit after 0-based `layer` when the host knows without the
+  // scores; -1 when a score decides. `rows`, t_host: the call's rows and their times.
+  int known_exits(const Resolved& r, int layer, int n, int rows, const float* t_host) const;
   // The model's inputs (x, t_in_, y_in_ when conditional) in `s`'s input order: stem and full share them.
   void model_inputs(const SegmentDesc& s, const void* x, void* in[3]);
   // Sizes only (memory_needed): nothing is allocated, no engine.
@@ -120,6 +134,9 @@ class Runtime {
   Buffer tb_bounds_, tb_min_, tb_max_, tb_thr_;  // the same, where decide_exits reads it
   Buffer active_[2], count_[2], exit_idx_, exit_dest_, keep_idx_, exit_count_;
   Buffer x_state_, x0_prev_, eps_cfg_, u_map_;
+  Buffer history_;
+  std::vector<float> t_host_;    // device_io: t read back
+  std::vector<int64_t> y_host_;  // device_io: y read back  // sample(): each step's exit layers; grows to the largest steps x rows asked
   std::vector<Buffer> hidden_;
   std::vector<int> free_;
   std::vector<int> saved_;

@@ -5,11 +5,17 @@
 #
 #     bash scripts/gpu_check.sh            # writes gpu_check.log (and into $OUT when set)
 #
-# 1. builds the module with CUDA (OpenVINO off) into build/gpu,
-# 2. runs the DLPack/CUDA tests: torch segment modules on the GPU as the engines, the runtime's
-#    device buffers, exit/compaction/sampler kernels and stream, against the PyTorch oracle,
-# 3. prints a short table: card, parity, and denoise timings on the GPU ("rt ms" is the DLPack
-#    engine, i.e. torch segments called from C++; "torch full ms" the plain full-depth forward).
+# 1. builds the module with CUDA (OpenVINO off; TensorRT where its SDK is found: TENSORRT_ROOT)
+#    into build/gpu, for the default architecture list (ADADIFF_CUDA_ARCHITECTURES overrides it),
+# 2. runs the CUDA tests: the kernels embedded for the listed architectures, torch segment modules
+#    on the GPU as the engines (device buffers, exit/compaction/sampler kernels, stream) against the
+#    PyTorch oracle, torch CUDA tensors in and out, stream=, the device restored (the TensorRT plan
+#    checks themselves run in CI: tests/test_tensorrt_checks.py),
+# 3. prints the issue-17 table (scripts/gpu_check.py: one row per item, PASS / FAIL / SKIP and why:
+#    TensorRT parity and guided sampling at 2 x max_batch, a version mismatch refused,
+#    register-plans on trtexec plans and on a fake, device restore on a second GPU),
+# 4. prints a short timing table: card, parity, and denoise timings on the GPU ("rt ms" is the
+#    DLPack engine, i.e. torch segments called from C++; "torch full ms" the plain full-depth forward).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-.}"
@@ -26,20 +32,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 echo "== build (CUDA on, OpenVINO off)"
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
-ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(0); print(f'{M}{m}')" 2>/dev/null || echo 90)"
+# The default architecture list (CMakeLists.txt), so the check runs what users get.
 cmake -S . -B build/gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DADADIFF_CUDA=ON -DADADIFF_OPENVINO=OFF \
-  -DADADIFF_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_CUDA_COMPILER="$NVCC" \
+  -DCMAKE_CUDA_COMPILER="$NVCC" \
   -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/build/gpu/lib"
 cmake --build build/gpu --parallel "$(nproc)"
 export PYTHONPATH="$PWD/build/gpu/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export ADADIFF_RT_REQUIRED=1
-"$PY" -c "import adadiff_rt as r; print('adadiff_rt cuda', r.has_cuda, 'openvino', r.has_openvino, 'tensorrt', r.has_tensorrt)"
+"$PY" -c "import adadiff_rt as r; print('adadiff_rt cuda', r.has_cuda, r.cuda_architectures, 'openvino', r.has_openvino, 'tensorrt', r.has_tensorrt)"
 
-echo "== tests (CUDA path vs the PyTorch oracle)"
+echo "== tests (CUDA path vs the PyTorch oracle, device tensors, plan checks)"
 set +e
-"$PY" -m pytest -q -rs tests/test_runtime_dlpack.py
+"$PY" -m pytest -q -rs tests/test_runtime_dlpack.py tests/test_cuda_build.py
 TESTS=$?
+echo "== issue 17 table"
+"$PY" scripts/gpu_check.py
+CHECKS=$?
+[ "$TESTS" -eq 0 ] && TESTS=$CHECKS
 set -e
 
 echo "== table"

@@ -152,3 +152,85 @@ def test_tensorrt_engine_matches_oracle(tmp_path):
         ref_eps, ref_layer, _ = oracle(model, x, t, y, **kw)
         np.testing.assert_array_equal(layer, ref_layer)
         assert rel_err(eps, ref_eps) <= 1e-2  # TensorRT may use TF32 / fp16 kernels
+
+
+# ---- arrays of any kind in, the same kind out (issue 17) ------------------------------------------
+
+class DlpackOnly:
+    """A foreign array that only speaks DLPack (no numpy, no torch type): results come back as numpy."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, stream=None, **kw):
+        return self.a.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_and_dlpack_inputs_give_numpys_results(folder, device):
+    model, rt = setup(folder, device)
+    x, t, y = inputs(model, 5, seed=3)
+    thr = 0.5
+    want = rt.denoise(x, t, y, threshold=thr)
+    on = "cuda" if device == "cuda" else "cpu"
+    tx, tt, ty = (torch.from_numpy(a).to(on) for a in (x, t, y))
+    got = rt.denoise(tx, tt, ty, threshold=thr)
+    # torch in, torch out, on the input's device, the very same numbers.
+    for g, w in zip(got, want):
+        assert isinstance(g, torch.Tensor) and g.device.type == on
+        np.testing.assert_array_equal(g.cpu().numpy(), w)
+    full = rt.full(tx, tt, ty)
+    assert isinstance(full, torch.Tensor) and full.device.type == on
+    np.testing.assert_array_equal(full.cpu().numpy(), rt.full(x, t, y))
+    noise = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    labels = np.array([1, 4, 10])
+    images, used = rt.sample(noise, labels, steps=4, guidance=2.0, threshold=thr)
+    t_images, t_used = rt.sample(torch.from_numpy(noise).to(on), torch.from_numpy(labels).to(on), steps=4,
+                                 guidance=2.0, threshold=thr)
+    assert t_images.device.type == on
+    np.testing.assert_array_equal(t_images.cpu().numpy(), images)
+    np.testing.assert_array_equal(np.asarray(t_used), used)
+    if device == "cpu":  # a bare DLPack object: numpy's results
+        d = rt.denoise(DlpackOnly(x), DlpackOnly(t), DlpackOnly(y), threshold=thr)
+        assert all(type(a) is np.ndarray for a in d)
+        for g, w in zip(d, want):
+            np.testing.assert_array_equal(g, w)
+        # torch.from_dlpack takes the results back without a copy.
+        assert torch.from_dlpack(d[0]).data_ptr() == d[0].__array_interface__["data"][0]
+
+
+def test_array_arguments_are_checked(folder):
+    model, rt = setup(folder, "cpu")
+    x, t, y = inputs(model, 2)
+    with pytest.raises(TypeError, match="x must have dtype float32, got float64"):
+        rt.denoise(torch.from_numpy(x).double(), t, y)
+    with pytest.raises(TypeError, match="y must be a numpy array of int64, a DLPack tensor"):
+        rt.denoise(x, t, [1, 2])
+    with pytest.raises(ValueError, match="stream= is for a Runtime on device='cuda'"):
+        rt.denoise(x, t, y, stream=0)
+    with pytest.raises(TypeError, match="stream must be None, a CUDA stream handle"):
+        rt.full(x, t, y, stream="s")
+    # A non-contiguous torch view goes through numpy (a C-contiguous copy) and gives the same answer.
+    wide = torch.from_numpy(np.concatenate([x, x], axis=3))[..., ::2]
+    np.testing.assert_array_equal(rt.full(wide, t, y).numpy(), rt.full(np.ascontiguousarray(wide.numpy()), t, y))
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and an adadiff_rt built with CUDA (scripts/gpu_check.sh)")
+def test_cuda_tensors_stream_and_device_restore(folder):
+    model, rt = setup(folder, "cuda")
+    x, t, y = inputs(model, 4, seed=2)
+    want = rt.denoise(x, t, y, threshold=0.5)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        tx, tt, ty = (torch.from_numpy(a).cuda() for a in (x, t, y))
+        got = rt.denoise(tx, tt, ty, threshold=0.5, stream=s)
+        eps = got[0] * 1  # queued on s after the runtime's work
+    s.synchronize()
+    np.testing.assert_array_equal(eps.cpu().numpy(), want[0])
+    # Constructing and calling never leaves the caller's thread on another device.
+    before = torch.cuda.current_device()
+    rt.denoise(tx, tt, ty)
+    assert torch.cuda.current_device() == before

@@ -10,10 +10,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import bench, build, calibrate, classifier, convert, demo, evaluate, profile, sample, tradeoff, train, verify
+from . import (bench, build, calibrate, classifier, convert, demo, evaluate, profile, register_plans, sample, tradeoff,
+               train, verify)
 
 # Every command, in the order `--help` lists them; each module has `add_parser(sub)`.
-COMMANDS = (train, classifier, sample, evaluate, convert, build, verify, profile, calibrate, tradeoff, bench, demo)
+COMMANDS = (train, classifier, sample, evaluate, convert, build, verify, register_plans, profile, calibrate, tradeoff,
+            bench, demo)
 
 # What a user can fix besides our own UserError subclasses: bad values, and files that are missing, in the way
 # or not writable.

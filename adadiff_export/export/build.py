@@ -48,8 +48,12 @@ class BuildOptions:
 
     @property
     def profile(self) -> dict:
+        """The TensorRT optimization profile: batches up to 2 x max_batch, since guided sampling runs
+        the conditional and the null-class halves as one call of 2B rows (adadiff_rt's buffers hold
+        2 x max_batch for the same reason); a profile ending at max_batch would take only max_batch / 2
+        guided samples."""
         opt = self.opt_batch if self.opt_batch is not None else min(16, self.max_batch)
-        return {"min": 1, "opt": opt, "max": self.max_batch}
+        return {"min": 1, "opt": opt, "max": 2 * self.max_batch}
 
 
 def _check_destination(out: Path, force: bool) -> None:
