@@ -10,10 +10,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import bench, build, calibrate, classifier, demo, evaluate, profile, sample, tradeoff, train, verify
+from . import bench, build, calibrate, classifier, demo, evaluate, loadtest, profile, sample, serve, tradeoff, train, \
+    verify
 
 # Every command, in the order `--help` lists them; each module has `add_parser(sub)`.
-COMMANDS = (train, classifier, sample, evaluate, build, verify, profile, calibrate, tradeoff, bench, demo)
+COMMANDS = (train, classifier, sample, evaluate, build, verify, profile, calibrate, tradeoff, bench, demo, serve, loadtest)
 
 # What a user can fix besides our own UserError subclasses: bad values, and files that are missing, in the way
 # or not writable.
