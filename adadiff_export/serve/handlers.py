@@ -65,10 +65,10 @@ class _Handler:
         gathered = {name: _gather(parsed, rows, name) for name in self.inputs}
         try:
             produced = self._run(key, **gathered)
-        except (ValueError, RuntimeError) as e:  # the runtime refused the group: answer its requests, not others
+        except ValueError as e:  # the runtime refused what the checks let through: answer its requests, not others
             for i in {i for i, _ in rows}:
-                results[i] = RequestError(self.inputs[0], f"the runtime refused it: {e}")
-            return
+                results[i] = RequestError(self.inputs[0], f"the runtime refused this request's group: {e}")
+            return  # (a RuntimeError is the server's fault, not the request's: it fails the batch, as a 500)
         for k, (i, row) in enumerate(rows):
             for name, values in produced.items():
                 outputs[i][name][row] = values[k]

@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import numpy as np
 
@@ -135,9 +135,8 @@ def _tensors(specs) -> List:
     return [Tensor(name=s.name, dtype=s.dtype, shape=s.shape, optional=s.optional) for s in specs]
 
 
-def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
-          stop: Optional[threading.Event] = None) -> None:
-    """Run the server until SIGTERM or SIGINT (or `stop` is set), then drain and return."""
+def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain and return."""
     o.check()
     o.check_ports_free()
     import adadiff_rt
@@ -145,7 +144,7 @@ def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=
     from pytriton.triton import Triton, TritonConfig
 
     _install_request_errors()
-    stop = stop or threading.Event()
+    stop = threading.Event()
     received = []
 
     def on_signal(signum, _frame):
