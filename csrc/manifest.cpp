@@ -1,12 +1,19 @@
 #include "manifest.hpp"
 
+#include <openssl/evp.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <stdexcept>
-
-#include "json.hpp"
-#include "sha256.hpp"
+#include <vector>
 
 namespace adadiff {
 
@@ -88,21 +95,72 @@ bool is_plain_file_name(const std::string& name) {
   return true;
 }
 
+namespace {
+
+// OpenSSL's SHA-256, streamed in 4 MiB reads: TensorRT plans run to gigabytes, and with reads this
+// large the time goes into the hash itself (SHA-NI or AVX2 code in libcrypto), not into syscalls.
+std::string sha256_file(const std::string& path) {
+  struct CloseFile {
+    void operator()(std::FILE* f) const { std::fclose(f); }
+  };
+  struct FreeDigest {
+    void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
+  };
+  std::unique_ptr<std::FILE, CloseFile> file(std::fopen(path.c_str(), "rb"));
+  if (!file) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+  std::unique_ptr<EVP_MD_CTX, FreeDigest> ctx(EVP_MD_CTX_new());
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("OpenSSL: cannot start a SHA-256 digest");
+  std::vector<unsigned char> buf(size_t(4) << 20);
+  for (;;) {
+    const size_t n = std::fread(buf.data(), 1, buf.size(), file.get());
+    if (n > 0 && EVP_DigestUpdate(ctx.get(), buf.data(), n) != 1)
+      throw std::runtime_error("OpenSSL: SHA-256 of " + path + " failed");
+    if (n < buf.size()) {
+      if (std::ferror(file.get())) throw std::runtime_error("cannot read " + path + ": " + std::strerror(errno));
+      break;
+    }
+  }
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), md, &len) != 1) throw std::runtime_error("OpenSSL: SHA-256 of " + path + " failed");
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out += hex[md[i] >> 4];
+    out += hex[md[i] & 15];
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string Manifest::verified_path(const std::string& what, const std::string& file, const std::string& sha) const {
   if (!is_plain_file_name(file))
     throw std::runtime_error("manifest: " + what + " names file '" + file +
                              "', which is not a plain file name inside the engines folder");
-  std::string path = dir + "/" + file;
+  // A plain name may still be a symbolic link: its target must lie in the folder itself, the rule
+  // Python's manifest.check_files applies (the file's real path directly inside the folder's).
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path real = fs::canonical(fs::path(dir) / file, ec);
+  if (ec)
+    throw std::runtime_error(what + ": file " + file + " is missing or unreadable (" + dir + "/" + file + ": " +
+                             ec.message() + ")");
+  const fs::path real_dir = fs::canonical(dir, ec);
+  if (ec || real.parent_path() != real_dir)
+    throw std::runtime_error(what + ": file " + file + " resolves to " + real.string() + ", outside the engines folder " +
+                             (ec ? dir : real_dir.string()) + " (a link in the folder may point only to a file in it)");
   std::string got;
   try {
-    got = sha256_file(path);
+    got = sha256_file(real.string());
   } catch (const std::exception& e) {
     throw std::runtime_error(what + ": file " + file + " is missing or unreadable (" + e.what() + ")");
   }
   if (got != sha)
     throw std::runtime_error(what + ": file " + file + " does not match its sha256 in manifest.json (expected " +
                              sha + ", found " + got + "); the engines folder was modified or is damaged");
-  return path;
+  return real.string();
 }
 
 int TimeTable::bin(float t) const {
@@ -137,39 +195,129 @@ void check_time_table(const TimeTable& t, int depth, bool thresholds, const std:
 
 namespace {
 
-using json::Value;
+using Json = nlohmann::json;
 
 [[noreturn]] void bad(const std::string& where, const std::string& what) {
   throw std::runtime_error("manifest.json: " + where + ": " + what);
 }
 
-const Value& field(const Value& obj, const std::string& where, const std::string& key) {
-  if (obj.type != Value::Type::Object) bad(where, "expected an object");
-  const Value* v = obj.find(key);
-  if (!v) bad(where, "missing field '" + key + "'");
-  return *v;
+// A value as a message shows it: short scalars verbatim, anything else by its type.
+std::string shown(const Json& v) {
+  if (v.is_structured() || v.is_null()) return v.type_name();
+  std::string s = v.dump();
+  if (s.size() > 40) s = s.substr(0, 37) + "...";
+  return std::string(v.type_name()) + " " + s;
 }
 
-std::string str(const Value& obj, const std::string& where, const std::string& key) {
-  const Value& v = field(obj, where, key);
-  if (v.type != Value::Type::String) bad(where + "." + key, std::string("expected a string, got ") + json::type_name(v.type));
-  return v.string;
+const Json& field(const Json& obj, const std::string& where, const std::string& key) {
+  if (!obj.is_object()) bad(where, std::string("expected an object, got ") + shown(obj));
+  auto it = obj.find(key);
+  if (it == obj.end()) bad(where, "missing field '" + key + "'");
+  return *it;
 }
 
-double num(const Value& obj, const std::string& where, const std::string& key) {
-  const Value& v = field(obj, where, key);
-  if (v.type != Value::Type::Number) bad(where + "." + key, std::string("expected a number, got ") + json::type_name(v.type));
-  return v.number;
+// An optional field: nullptr when absent or null.
+const Json* optional(const Json& obj, const std::string& key) {
+  if (!obj.is_object()) return nullptr;
+  auto it = obj.find(key);
+  return it == obj.end() || it->is_null() ? nullptr : &*it;
 }
 
-int integer(const Value& v, const std::string& where) {
-  if (v.type != Value::Type::Number || v.number != std::floor(v.number) || std::fabs(v.number) > 1e9)
-    bad(where, "expected an integer");
-  return int(v.number);
+const std::string& str(const Json& v, const std::string& where) {
+  if (!v.is_string()) bad(where, "expected a string, got " + shown(v));
+  return v.get_ref<const std::string&>();
 }
 
-int integer(const Value& obj, const std::string& where, const std::string& key) {
+std::string str(const Json& obj, const std::string& where, const std::string& key) {
+  return str(field(obj, where, key), where + "." + key);
+}
+
+double num(const Json& v, const std::string& where) {
+  if (!v.is_number()) bad(where, "expected a number, got " + shown(v));
+  return v.get<double>();
+}
+
+double num(const Json& obj, const std::string& where, const std::string& key) {
+  return num(field(obj, where, key), where + "." + key);
+}
+
+int integer(const Json& v, const std::string& where) {
+  if (!v.is_number() || v.get<double>() != std::floor(v.get<double>()) || std::fabs(v.get<double>()) > 1e9)
+    bad(where, "expected an integer, got " + shown(v));
+  return int(v.get<double>());
+}
+
+int integer(const Json& obj, const std::string& where, const std::string& key) {
   return integer(field(obj, where, key), where + "." + key);
+}
+
+// Where the parser is, for messages ("segments[3].inputs"), and the keys each open object has
+// seen: RFC 8259 leaves duplicate names to the reader and nlohmann/json keeps the last, but a
+// manifest holding two values for one field is ambiguous, so it is refused, naming the object.
+class ParsePath {
+ public:
+  bool on(Json::parse_event_t event, const Json& parsed) {
+    switch (event) {
+      case Json::parse_event_t::object_start: open_.emplace_back(true); break;
+      case Json::parse_event_t::array_start: open_.emplace_back(false); break;
+      case Json::parse_event_t::key: {
+        Frame& f = open_.back();
+        f.key = parsed.get<std::string>();
+        if (!f.keys.insert(f.key).second) bad(where(), "duplicate key \"" + f.key + "\"");
+        break;
+      }
+      case Json::parse_event_t::object_end:
+      case Json::parse_event_t::array_end:
+        open_.pop_back();
+        element_done();
+        break;
+      case Json::parse_event_t::value: element_done(); break;
+    }
+    return true;  // keep every value
+  }
+
+ private:
+  struct Frame {
+    explicit Frame(bool is_object) : object(is_object) {}
+    bool object;
+    std::string key;   // objects: the member being read
+    size_t index = 0;  // arrays: the element being read
+    std::set<std::string> keys;
+  };
+
+  void element_done() {
+    if (!open_.empty() && !open_.back().object) ++open_.back().index;
+  }
+
+  // The innermost open container, as a path from the document.
+  std::string where() const {
+    std::string w;
+    for (size_t i = 0; i + 1 < open_.size(); ++i)
+      w += open_[i].object ? (w.empty() ? "" : ".") + open_[i].key : "[" + std::to_string(open_[i].index) + "]";
+    return w.empty() ? "document" : w;
+  }
+
+  std::vector<Frame> open_;
+};
+
+// nlohmann/json's messages carry the position ("parse error at line 3, column 5: ..."); only the
+// library's "[json.exception.parse_error.101] " tag is dropped.
+std::string without_tag(const char* what) {
+  std::string s = what;
+  if (!s.empty() && s[0] == '[') {
+    const size_t end = s.find("] ");
+    if (end != std::string::npos) s.erase(0, end + 2);
+  }
+  return s;
+}
+
+Json parse_document(const std::string& text, const std::string& path) {
+  ParsePath at;
+  try {
+    return Json::parse(text, [&at](int, Json::parse_event_t event, Json& parsed) { return at.on(event, parsed); });
+  } catch (const Json::exception& e) {
+    throw std::runtime_error(path + ": malformed JSON: " + without_tag(e.what()));
+  }
 }
 
 DType parse_dtype(const std::string& s, const std::string& where) {
@@ -180,17 +328,18 @@ DType parse_dtype(const std::string& s, const std::string& where) {
   bad(where, "unknown dtype '" + s + "'");
 }
 
-TensorDesc parse_tensor(const Value& v, const std::string& where) {
+TensorDesc parse_tensor(const Json& v, const std::string& where) {
   TensorDesc t;
   t.name = str(v, where, "name");
   t.dtype = parse_dtype(str(v, where, "dtype"), where + ".dtype");
-  const Value& shape = field(v, where, "shape");
-  if (shape.type != Value::Type::Array || shape.array.empty()) bad(where + ".shape", "expected a non-empty array");
-  for (size_t i = 0; i < shape.array.size(); ++i) {
-    const Value& d = shape.array[i];
+  const Json& shape = field(v, where, "shape");
+  if (!shape.is_array() || shape.empty()) bad(where + ".shape", "expected a non-empty array, got " + shown(shape));
+  for (size_t i = 0; i < shape.size(); ++i) {
+    const Json& d = shape[i];
     std::string w = where + ".shape[" + std::to_string(i) + "]";
-    if (d.type == Value::Type::String) {
-      if (d.string != "B" || i != 0) bad(w, "only the first dimension may be symbolic, and only as \"B\"");
+    if (d.is_string()) {
+      if (d.get_ref<const std::string&>() != "B" || i != 0)
+        bad(w, "only the first dimension may be symbolic, and only as \"B\"");
       t.shape.push_back(kBatchDim);
     } else {
       int n = integer(d, w);
@@ -202,12 +351,12 @@ TensorDesc parse_tensor(const Value& v, const std::string& where) {
   return t;
 }
 
-std::vector<TensorDesc> parse_tensors(const Value& seg, const std::string& where, const std::string& key) {
-  const Value& arr = field(seg, where, key);
-  if (arr.type != Value::Type::Array) bad(where + "." + key, "expected an array");
+std::vector<TensorDesc> parse_tensors(const Json& seg, const std::string& where, const std::string& key) {
+  const Json& arr = field(seg, where, key);
+  if (!arr.is_array()) bad(where + "." + key, "expected an array, got " + shown(arr));
   std::vector<TensorDesc> out;
-  for (size_t i = 0; i < arr.array.size(); ++i)
-    out.push_back(parse_tensor(arr.array[i], where + "." + key + "[" + std::to_string(i) + "]"));
+  for (size_t i = 0; i < arr.size(); ++i)
+    out.push_back(parse_tensor(arr[i], where + "." + key + "[" + std::to_string(i) + "]"));
   return out;
 }
 
@@ -283,7 +432,7 @@ void check_wiring(const Manifest& m) {
   need_tensor(full, false, "eps", img);
 }
 
-ModelDesc parse_model(const Value& v) {
+ModelDesc parse_model(const Json& v) {
   ModelDesc c;
   const std::string w = "model";
   c.img_size = integer(v, w, "img_size");
@@ -293,12 +442,12 @@ ModelDesc parse_model(const Value& v) {
   c.depth = integer(v, w, "depth");
   c.num_heads = integer(v, w, "num_heads");
   c.num_classes = integer(v, w, "num_classes");
-  const Value* nc = v.find("null_class");
-  c.null_class = (nc && !nc->is_null()) ? integer(*nc, "model.null_class") : c.num_classes;
+  const Json* nc = optional(v, "null_class");
+  c.null_class = nc ? integer(*nc, "model.null_class") : c.num_classes;
   c.num_extra_tokens = 1 + (c.num_classes > 0 ? 1 : 0);
   int grid = c.patch_size > 0 ? c.img_size / c.patch_size : 0;
   c.num_tokens = c.num_extra_tokens + grid * grid;
-  if (const Value* t = v.find("num_tokens")) {
+  if (const Json* t = optional(v, "num_tokens")) {
     if (integer(*t, "model.num_tokens") != c.num_tokens) bad("model.num_tokens", "inconsistent with img_size/patch_size");
   }
   if (c.depth < 1 || c.depth % 2 == 0) bad("model.depth", "must be odd and positive");
@@ -310,53 +459,52 @@ ModelDesc parse_model(const Value& v) {
   return c;
 }
 
-TensorRtDesc parse_tensorrt(const Value* v) {
+TensorRtDesc parse_tensorrt(const Json* v) {
   TensorRtDesc t;
-  if (!v || v->is_null()) return t;
+  if (!v) return t;
   const std::string w = "tensorrt";
   t.present = true;
   t.version = str(*v, w, "version");
   t.precision = str(*v, w, "precision");
-  if (const Value* a = v->find("gpu_arch"); a && a->type == Value::Type::String) t.gpu_arch = a->string;
-  const Value& prof = field(*v, w, "profile");
+  if (const Json* a = optional(*v, "gpu_arch")) t.gpu_arch = str(*a, w + ".gpu_arch");
+  const Json& prof = field(*v, w, "profile");
   t.profile_min = integer(prof, w + ".profile", "min");
   t.profile_opt = integer(prof, w + ".profile", "opt");
   t.profile_max = integer(prof, w + ".profile", "max");
-  const Value& plans = field(*v, w, "plans");
-  if (plans.type != Value::Type::Object) bad(w + ".plans", "expected an object");
-  for (const auto& kv : plans.object) {
-    std::string pw = w + ".plans." + kv.first;
-    PlanDesc p{str(kv.second, pw, "file"), str(kv.second, pw, "sha256")};
+  const Json& plans = field(*v, w, "plans");
+  if (!plans.is_object()) bad(w + ".plans", "expected an object, got " + shown(plans));
+  for (const auto& kv : plans.items()) {
+    std::string pw = w + ".plans." + kv.key();
+    PlanDesc p{str(kv.value(), pw, "file"), str(kv.value(), pw, "sha256")};
     if (!is_plain_file_name(p.file)) bad(pw + ".file", "'" + p.file + "' is not a plain file name inside the engines folder");
-    t.plans[kv.first] = p;
+    t.plans[kv.key()] = p;
   }
   return t;
 }
 
-std::vector<double> numbers(const Value& obj, const std::string& where, const std::string& key) {
-  const Value& arr = field(obj, where, key);
-  if (arr.type != Value::Type::Array) bad(where + "." + key, "expected an array of numbers");
-  std::vector<double> out;
-  for (size_t i = 0; i < arr.array.size(); ++i) {
-    if (arr.array[i].type != Value::Type::Number) bad(where + "." + key + "[" + std::to_string(i) + "]", "expected a number");
-    out.push_back(arr.array[i].number);
-  }
+// obj[key] as an array, each element through `element(value, where)`.
+template <class T>
+std::vector<T> array_of(const Json& obj, const std::string& where, const std::string& key, const char* what,
+                        T (*element)(const Json&, const std::string&)) {
+  const Json& arr = field(obj, where, key);
+  if (!arr.is_array()) bad(where + "." + key, std::string("expected an array of ") + what + ", got " + shown(arr));
+  std::vector<T> out;
+  for (size_t i = 0; i < arr.size(); ++i) out.push_back(element(arr[i], where + "." + key + "[" + std::to_string(i) + "]"));
   return out;
 }
 
-std::vector<int> integers(const Value& obj, const std::string& where, const std::string& key) {
-  const Value& arr = field(obj, where, key);
-  if (arr.type != Value::Type::Array) bad(where + "." + key, "expected an array of integers");
-  std::vector<int> out;
-  for (size_t i = 0; i < arr.array.size(); ++i)
-    out.push_back(integer(arr.array[i], where + "." + key + "[" + std::to_string(i) + "]"));
-  return out;
+std::vector<double> numbers(const Json& obj, const std::string& where, const std::string& key) {
+  return array_of<double>(obj, where, key, "numbers", num);
+}
+
+std::vector<int> integers(const Json& obj, const std::string& where, const std::string& key) {
+  return array_of<int>(obj, where, key, "integers", integer);
 }
 
 // exit.schedule {t_bounds, layers} or exit.uem_time {t_bounds, min_layers, max_layers, thresholds}.
-TimeTable parse_table(const Value* v, const std::string& where, int depth, bool uem) {
+TimeTable parse_table(const Json* v, const std::string& where, int depth, bool uem) {
   TimeTable t;
-  if (!v || v->is_null()) return t;
+  if (!v) return t;
   t.bounds = numbers(*v, where, "t_bounds");
   if (uem) {
     t.min_layer = integers(*v, where, "min_layers");
@@ -398,18 +546,21 @@ std::string read_text(const std::string& path) {
 
 }  // namespace
 
+ModelDesc model_from_json(const std::string& text) { return parse_model(parse_document(text, "model")); }
+
 Manifest load_manifest(const std::string& dir) {
   Manifest m;
   m.dir = dir;
   while (m.dir.size() > 1 && m.dir.back() == '/') m.dir.pop_back();
   const std::string path = m.dir + "/manifest.json";
-  Value root;
+  std::string text;
   try {
-    root = json::parse(read_text(path));
+    text = read_text(path);
   } catch (const std::runtime_error& e) {
     throw std::runtime_error(path + ": " + e.what());
   }
-  if (root.type != Value::Type::Object) bad("document", "expected an object");
+  const Json root = parse_document(text, path);
+  if (!root.is_object()) bad("document", "expected an object, got " + shown(root));
   if (str(root, "document", "format") != "adadiff-engines") bad("format", "expected \"adadiff-engines\"");
   m.version = integer(root, "document", "version");
   if (m.version < kOldestManifestVersion || m.version > kManifestVersion)
@@ -417,9 +568,9 @@ Manifest load_manifest(const std::string& dir) {
                        std::to_string(kOldestManifestVersion) + ".." + std::to_string(kManifestVersion) +
                        (m.version > kManifestVersion ? "; update adadiff_rt" : "; rebuild the engines"));
   m.model = parse_model(field(root, "document", "model"));
-  const Value& sch = field(root, "document", "schedule");
-  if (const Value* ty = sch.find("type"); ty && !(ty->type == Value::Type::String && ty->string == "vp_linear"))
-    bad("schedule.type", "only vp_linear is supported");
+  const Json& sch = field(root, "document", "schedule");
+  if (const Json* ty = optional(sch, "type"); ty && str(*ty, "schedule.type") != "vp_linear")
+    bad("schedule.type", "only vp_linear is supported, got '" + ty->get<std::string>() + "'");
   m.schedule.beta_min = num(sch, "schedule", "beta_min");
   m.schedule.beta_max = num(sch, "schedule", "beta_max");
   m.schedule.t_eps = num(sch, "schedule", "t_eps");
@@ -427,10 +578,10 @@ Manifest load_manifest(const std::string& dir) {
   m.max_batch = integer(root, "document", "max_batch");
   if (m.max_batch < 1) bad("max_batch", "must be >= 1");
 
-  const Value& segs = field(root, "document", "segments");
-  if (segs.type != Value::Type::Array) bad("segments", "expected an array");
-  for (size_t i = 0; i < segs.array.size(); ++i) {
-    const Value& v = segs.array[i];
+  const Json& segs = field(root, "document", "segments");
+  if (!segs.is_array()) bad("segments", "expected an array, got " + shown(segs));
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Json& v = segs[i];
     std::string w = "segments[" + std::to_string(i) + "]";
     SegmentDesc s;
     s.name = str(v, w, "name");
@@ -440,25 +591,27 @@ Manifest load_manifest(const std::string& dir) {
     if (!is_plain_file_name(s.file))
       bad(w + ".file", "'" + s.file + "' is not a plain file name inside the engines folder");
     s.sha256 = str(v, w, "sha256");
-    if (const Value* idx = v.find("index"); idx && !idx->is_null()) s.index = integer(*idx, w + ".index");
-    if (const Value* b = v.find("block"); b && b->type == Value::Type::String) s.block = b->string;
-    if (const Value* sf = v.find("skip_from"); sf && !sf->is_null()) s.skip_from = integer(*sf, w + ".skip_from");
+    if (const Json* idx = optional(v, "index")) s.index = integer(*idx, w + ".index");
+    if (const Json* b = optional(v, "block")) s.block = str(*b, w + ".block");
+    if (const Json* sf = optional(v, "skip_from")) s.skip_from = integer(*sf, w + ".skip_from");
     s.inputs = parse_tensors(v, w, "inputs");
     s.outputs = parse_tensors(v, w, "outputs");
     m.segments.push_back(std::move(s));
   }
   check_wiring(m);
-  m.tensorrt = parse_tensorrt(root.find("tensorrt"));
+  m.tensorrt = parse_tensorrt(optional(root, "tensorrt"));
 
-  if (const Value* ex = root.find("exit"); ex && ex->type == Value::Type::Object) {
-    if (const Value* p = ex->find("policy"); p && p->type == Value::Type::String) m.exit.policy = p->string;
-    if (const Value* g = ex->find("granularity"); g && g->type == Value::Type::String) m.exit.granularity = g->string;
-    if (const Value* t = ex->find("threshold"); t && t->type == Value::Type::Number) m.exit.threshold = t->number;
-    if (const Value* p = ex->find("patience"); p && !p->is_null()) m.exit.patience = integer(*p, "exit.patience");
-    if (const Value* g = ex->find("guidance"); g && g->type == Value::Type::Number) m.exit.guidance = g->number;
-    if (const Value* l = ex->find("layer"); l && !l->is_null()) m.exit.layer = integer(*l, "exit.layer");
-    m.exit.schedule = parse_table(ex->find("schedule"), "exit.schedule", m.model.depth, false);
-    m.exit.uem_time = parse_table(ex->find("uem_time"), "exit.uem_time", m.model.depth, true);
+  // Every exit field is optional (absent or null: the runtime's default) but must have its type.
+  if (const Json* ex = optional(root, "exit")) {
+    if (!ex->is_object()) bad("exit", "expected an object, got " + shown(*ex));
+    if (const Json* p = optional(*ex, "policy")) m.exit.policy = str(*p, "exit.policy");
+    if (const Json* g = optional(*ex, "granularity")) m.exit.granularity = str(*g, "exit.granularity");
+    if (const Json* t = optional(*ex, "threshold")) m.exit.threshold = num(*t, "exit.threshold");
+    if (const Json* p = optional(*ex, "patience")) m.exit.patience = integer(*p, "exit.patience");
+    if (const Json* g = optional(*ex, "guidance")) m.exit.guidance = num(*g, "exit.guidance");
+    if (const Json* l = optional(*ex, "layer")) m.exit.layer = integer(*l, "exit.layer");
+    m.exit.schedule = parse_table(optional(*ex, "schedule"), "exit.schedule", m.model.depth, false);
+    m.exit.uem_time = parse_table(optional(*ex, "uem_time"), "exit.uem_time", m.model.depth, true);
   }
   check_exit_defaults(m);
   if (!m.model.conditional()) m.exit.guidance = 1.0;

@@ -1,4 +1,4 @@
-// engines/manifest.json (docs/MANIFEST.md, version 1): parsed and validated once per Runtime.
+// engines/manifest.json (docs/MANIFEST.md): parsed and validated once per Runtime.
 #pragma once
 
 #include <cstdint>
@@ -96,7 +96,8 @@ struct Manifest {
 
   const SegmentDesc& segment(const std::string& name) const;
   int segment_index(const std::string& name) const;
-  // Full path of `file` after checking its sha256; throws naming the segment and file.
+  // The real path of `file` after checking that it lies in the folder (a symbolic link may point only
+  // inside it) and has its sha256; throws naming the segment and file.
   std::string verified_path(const std::string& what, const std::string& file, const std::string& sha) const;
 };
 
@@ -106,6 +107,10 @@ constexpr int kOldestManifestVersion = 1;
 
 // Reads and validates <dir>/manifest.json; throws std::runtime_error naming the field at fault.
 Manifest load_manifest(const std::string& dir);
+
+// The manifest's "model" object (JSON text) as load_manifest reads and checks it: for sizing a
+// Runtime before a folder exists (`build --max-batch` asks adadiff_rt.check_memory).
+ModelDesc model_from_json(const std::string& text);
 
 // A file name the manifest may use: plain, inside the folder (no '/', '\\', "..", not absolute).
 bool is_plain_file_name(const std::string& name);

@@ -9,11 +9,11 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <unistd.h>
+#include <utility>
 
 #include "dlpack_engine.hpp"
+#include "load.hpp"
 #include "openvino_engine.hpp"
-#include "runtime.hpp"
 #include "tensorrt_engine.hpp"
 
 namespace py = pybind11;
@@ -111,46 +111,25 @@ py::dict exit_dict(const ExitDefaults& e) {
 
 class PyRuntime {
  public:
-  PyRuntime(const std::string& dir, const std::string& device, const std::string& engine, const std::string& precision,
-            int threads, std::optional<py::dict> segments, std::optional<std::string> cache_dir, int device_id,
-            bool fuse_static, bool fuse_exit) {
-    if (threads < 0) throw py::value_error("threads must be >= 0, got " + std::to_string(threads));
-    Manifest m = load_manifest(dir);
-    std::unique_ptr<Ops> ops;
-    if (device == "cpu") ops = make_cpu_ops();
-    else if (device == "cuda") ops = make_cuda_ops(device_id);
-    else throw py::value_error("device must be 'cpu' or 'cuda', got '" + device + "'");
-    std::string kind = engine;
-    if (kind == "auto") kind = segments ? "dlpack" : (device == "cpu" ? "openvino" : "tensorrt");
-    std::unique_ptr<Engine> eng;
-    const int cap = 2 * m.max_batch;
-    if (kind == "dlpack") {
-      if (!segments) throw py::value_error("engine='dlpack' needs segments={name: callable}");
-      eng = make_dlpack_engine(m, ops.get(), *segments, cap);
-    } else if (segments) {
-      throw py::value_error("segments= is only used by engine='dlpack' (or 'auto'), not '" + kind + "'");
-    } else if (kind == "openvino") {
-      if (device != "cpu") throw py::value_error("engine='openvino' runs on device='cpu' only");
-      OpenVinoOptions o;
-      o.precision = precision;
-      o.threads = threads;
-      o.max_batch = cap;
-      o.fuse_static = fuse_static;
-      o.fuse_exit = fuse_exit;
-      if (cache_dir) {
-        o.cache_dir = *cache_dir;
-      } else if (access(dir.c_str(), W_OK) == 0) {
-        o.cache_dir = m.dir + "/openvino_cache";
-      }
-      eng = make_openvino_engine(m, o);
-    } else if (kind == "tensorrt") {
-      if (device != "cuda") throw py::value_error("engine='tensorrt' runs on device='cuda' only");
-      eng = make_tensorrt_engine(m, ops.get());
-    } else {
-      throw py::value_error("engine must be 'auto', 'openvino', 'tensorrt' or 'dlpack', got '" + engine + "'");
-    }
+  PyRuntime(const std::string& dir, const std::string& device, const std::string& engine,
+            std::optional<std::string> precision, int threads, std::optional<py::dict> segments,
+            std::optional<std::string> cache_dir, int device_id, bool fuse_static, bool fuse_exit) {
+    RuntimeOptions o;
+    o.device = device;
+    o.device_id = device_id;
+    o.engine = engine;
+    o.precision = std::move(precision);
+    o.threads = threads;
+    o.cache_dir = std::move(cache_dir);
+    o.fuse_static = fuse_static;
+    o.fuse_exit = fuse_exit;
+    EngineMaker callables;
+    if (segments)
+      callables = [&segments](const Manifest& m, Ops* ops, int capacity) {
+        return make_dlpack_engine(m, ops, *segments, capacity);
+      };
+    rt_ = open_runtime(dir, o, callables);
     device_ = device;
-    rt_ = std::make_unique<Runtime>(std::move(m), std::move(ops), std::move(eng));
   }
 
   ~PyRuntime() {
@@ -297,12 +276,45 @@ py::dict model_dict(const Manifest& m) {
   return d;
 }
 
+py::object bytes_or_none(uint64_t b) { return b == UINT64_MAX ? py::none() : py::object(py::int_(b)); }
+
+py::dict memory_dict(const MemoryCheck& m) {
+  py::dict d;
+  d["capacity"] = m.capacity;
+  d["needed"] = m.needed;
+  d["free"] = bytes_or_none(m.free.bytes);
+  d["source"] = m.free.source;
+  return d;
+}
+
+py::dict check_folder(const std::string& dir, const std::string& device, int device_id) {
+  std::optional<EnginesCheck> c;
+  {
+    py::gil_scoped_release release;  // hashing gigabyte plans takes seconds
+    c = check_engines(dir, device, device_id);
+  }
+  py::dict d;
+  d["version"] = c->manifest.version;
+  d["depth"] = c->manifest.model.depth;
+  d["max_batch"] = c->manifest.max_batch;
+  d["files"] = c->files;
+  d["memory"] = memory_dict(c->memory);
+  return d;
+}
+
+// `model` goes through the manifest's own reader (as JSON), so it is checked as a folder's would be.
+py::dict check_memory_for(const py::dict& model, int64_t max_batch, bool u_map, const std::string& device,
+                          int device_id) {
+  const ModelDesc desc = model_from_json(py::str(py::module_::import("json").attr("dumps")(model)));
+  return memory_dict(check_memory(desc, max_batch, u_map, device, device_id));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(adadiff_rt, mod) {
   mod.doc() =
       "adadiff_rt: the early-exit runtime for adadiff engines folders (manifest.json + segments).\n"
-      "Runtime(engines_dir, device='cpu', engine='auto', precision='fp32', threads=0) loads and checks\n"
+      "Runtime(engines_dir, device='cpu', engine='auto', precision=None, threads=0) loads and checks\n"
       "the folder; denoise() runs one early-exit denoiser call, sample() a whole sampling loop.";
   mod.attr("__version__") = "0.1.0";
   mod.attr("MANIFEST_VERSION") = kManifestVersion;
@@ -311,16 +323,31 @@ PYBIND11_MODULE(adadiff_rt, mod) {
   mod.attr("has_tensorrt") = tensorrt_compiled();
   register_buffer_view(mod);
 
+  mod.def("check_engines", &check_folder, py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("device_id") = 0,
+          R"doc(What Runtime(engines_dir, device=...) checks before any engine compiles, without compiling:
+the manifest (schema, version, every tensor against the model config, exit defaults), every file it
+names (plain name, real path inside the folder, sha256; TensorRT plans too) and the memory the
+runtime's buffers need on the device. Raises RuntimeError naming what is wrong; returns
+{version, depth, max_batch, files, memory: {capacity, needed, free, source}}. `python -m
+adadiff_export verify` runs it, so verify and the runtime refuse the same folders.)doc");
+  mod.def("check_memory", &check_memory_for, py::arg("model"), py::arg("max_batch"), py::kw_only(),
+          py::arg("u_map") = false, py::arg("device") = "cpu", py::arg("device_id") = 0,
+          R"doc(The memory a Runtime for `model` (a manifest's "model" object) built for `max_batch` needs on
+the device (2 x max_batch rows): RuntimeError naming it and what is free when it does not fit, else
+{capacity, needed, free, source}. `build --max-batch` asks it before exporting anything.)doc");
+
   py::class_<PyRuntime>(mod, "Runtime", R"doc(
 An engines folder loaded for inference.
 
-Runtime(engines_dir, device="cpu", engine="auto", precision="fp32", threads=0, *, segments=None,
+Runtime(engines_dir, device="cpu", engine="auto", precision=None, threads=0, *, segments=None,
         cache_dir=None, device_id=0, fuse_static=True, fuse_exit=True)
 
 engine: "auto" (OpenVINO on cpu, TensorRT on cuda, "dlpack" when segments is given), "openvino",
 "tensorrt" or "dlpack" (segments = {segment name: callable(*DLPack inputs) -> outputs}).
-precision: OpenVINO's inference precision, "fp32" (default) or "bf16". threads: OpenVINO CPU
-threads (0 = its default). cache_dir: OpenVINO compiled-model cache (default
+precision: None (the engine's own: OpenVINO fp32, TensorRT its plans'), OpenVINO's "fp32" or "bf16",
+or TensorRT's plans' own; threads: OpenVINO CPU threads (0 = its default). An option the engine
+cannot honour (another precision than the plans', threads on TensorRT or DLPack, precision on
+DLPack) is refused with ValueError, not ignored. cache_dir: OpenVINO compiled-model cache (default
 <engines_dir>/openvino_cache when writable, "" disables it). fuse_static: OpenVINO runs the
 static policy's stem, layers 1..L and head as one compiled graph (stitched from the segments; the
 same results, without a call per segment); False chains the segments as the other policies do.
@@ -330,9 +357,9 @@ for up to 2 rows, where it saves the per-segment calls that compaction cannot); 
 chains the segments.
 Every file is checked against its sha256 in manifest.json before use.
 )doc")
-      .def(py::init<const std::string&, const std::string&, const std::string&, const std::string&, int,
+      .def(py::init<const std::string&, const std::string&, const std::string&, std::optional<std::string>, int,
                     std::optional<py::dict>, std::optional<std::string>, int, bool, bool>(),
-           py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("engine") = "auto", py::arg("precision") = "fp32",
+           py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("engine") = "auto", py::arg("precision") = py::none(),
            py::arg("threads") = 0, py::kw_only(), py::arg("segments") = py::none(), py::arg("cache_dir") = py::none(),
            py::arg("device_id") = 0, py::arg("fuse_static") = true,
            py::arg("fuse_exit") = true)

@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #ifdef ADADIFF_WITH_OPENVINO
@@ -84,7 +85,9 @@ struct Segment {
   std::shared_ptr<ov::Model> source;  // kept to reshape into static variants
   std::unique_ptr<Variant> dynamic;
   std::map<int, std::unique_ptr<Variant>> fixed;
-  std::vector<uint32_t> hits;  // runs per batch size, until that size is promoted
+  // Runs per batch size seen, until that size is promoted: a map, since a vector indexed by batch
+  // would cost memory in proportion to max_batch in every segment.
+  std::unordered_map<int, uint32_t> hits;
   bool ready = false;
 };
 
@@ -230,7 +233,7 @@ class OpenVinoEngine final : public Engine {
       throw std::runtime_error("batch outside 1.." + std::to_string(o_.max_batch));
     auto it = sg.fixed.find(batch);
     if (it != sg.fixed.end()) return *it->second;
-    if (sg.fixed.size() < kMaxStatic && ++sg.hits[size_t(batch)] >= kPromoteAfter) {
+    if (sg.fixed.size() < kMaxStatic && ++sg.hits[batch] >= kPromoteAfter) {
       return *sg.fixed.emplace(batch, compile(sg, batch)).first->second;
     }
     return *sg.dynamic;
@@ -253,7 +256,7 @@ class OpenVinoEngine final : public Engine {
 
   void prepare(Segment& sg) {
     sg.dynamic = compile(sg, 0);
-    sg.hits.assign(size_t(o_.max_batch) + 1, 0);
+    sg.hits.clear();
     sg.ready = true;
   }
 

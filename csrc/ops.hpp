@@ -5,10 +5,21 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "kernels_common.hpp"
 
 namespace adadiff {
+
+// Memory a device can still give, and where the figure comes from (for messages).
+struct FreeMemory {
+  uint64_t bytes = UINT64_MAX;  // UINT64_MAX: unknown
+  std::string source;
+};
+
+// Host memory: /proc/meminfo's MemAvailable, lowered to the cgroup's memory.max less its
+// memory.current where a container sets a limit (unknown outside Linux).
+FreeMemory host_free_memory();
 
 class Ops {
  public:
@@ -24,6 +35,8 @@ class Ops {
   // 2 per-thread default, -1 none, else a cudaStream_t) wait for the work queued so far.
   virtual void hand_off(intptr_t /*consumer_stream*/) {}
 
+  // What alloc can still take on this device (the runtime checks its buffers against it first).
+  virtual FreeMemory free_memory() const = 0;
   virtual void* alloc(size_t bytes) = 0;
   virtual void release(void* p) noexcept = 0;
 

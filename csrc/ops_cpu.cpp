@@ -2,8 +2,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <new>
 #include <stdexcept>
+#include <string>
 
 #include "ops.hpp"
 
@@ -11,9 +13,47 @@ namespace adadiff {
 
 namespace {
 
+// The first number in `path` (after `key` when given); false when the file or key is absent.
+bool read_number(const char* path, const std::string& key, uint64_t& out) {
+  std::ifstream f(path);
+  std::string word;
+  while (f >> word) {
+    if (!key.empty() && word != key) continue;
+    if (!key.empty() && !(f >> word)) return false;
+    if (word.empty() || word.find_first_not_of("0123456789") != std::string::npos) return false;
+    out = std::stoull(word);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+FreeMemory host_free_memory() {
+  FreeMemory m;
+  uint64_t kib = 0;
+  if (read_number("/proc/meminfo", "MemAvailable:", kib)) {
+    m.bytes = kib * 1024;
+    m.source = "MemAvailable in /proc/meminfo";
+  }
+  // cgroup v2: memory.max is "max" when unlimited, which read_number refuses.
+  uint64_t limit = 0, used = 0;
+  if (read_number("/sys/fs/cgroup/memory.max", "", limit) && read_number("/sys/fs/cgroup/memory.current", "", used)) {
+    const uint64_t left = limit > used ? limit - used : 0;
+    if (left < m.bytes) {
+      m.bytes = left;
+      m.source = "the cgroup's memory.max less memory.current";
+    }
+  }
+  return m;
+}
+
+namespace {
+
 class CpuOps final : public Ops {
  public:
   bool is_cuda() const override { return false; }
+  FreeMemory free_memory() const override { return host_free_memory(); }
 
   void* alloc(size_t bytes) override {
     // 64-byte alignment: what OpenVINO's CPU plugin wants to use a user tensor without a copy.

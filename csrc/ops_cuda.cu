@@ -109,6 +109,13 @@ class CudaOps final : public Ops {
   int device_id() const override { return device_; }
   void activate() override { check(cudaSetDevice(device_), "cudaSetDevice"); }
 
+  FreeMemory free_memory() const override {
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    size_t free = 0, total = 0;
+    check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return FreeMemory{uint64_t(free), "cudaMemGetInfo's free memory on cuda:" + std::to_string(device_)};
+  }
+
   void hand_off(intptr_t consumer) override {
     if (consumer == -1) return;
     cudaStream_t s = consumer == 1 ? cudaStreamLegacy : consumer == 2 ? cudaStreamPerThread

@@ -36,9 +36,15 @@ struct SampleOptions {
 
 class Runtime {
  public:
-  // `capacity`: rows the buffers hold (2 x max_batch so guided sampling fits one call).
+  // The buffers hold min(2 x max_batch, engine->max_batch()) rows (2 x max_batch so guided sampling
+  // fits one call). Throws naming the memory they need when the device has less free (see
+  // require_memory), before allocating any.
   Runtime(Manifest manifest, std::unique_ptr<Ops> ops, std::unique_ptr<Engine> engine);
   ~Runtime();
+
+  // Bytes a Runtime for `model` allocates for `capacity` rows: its constructor's own list of
+  // buffers, added up without allocating them.
+  static uint64_t memory_needed(const ModelDesc& model, int capacity, bool u_map);
 
   const Manifest& manifest() const { return m_; }
   int capacity() const { return cap_; }
@@ -83,6 +89,13 @@ class Runtime {
   bool run_exit_graph(int n, void* const* in, const float* t_host, const Resolved& r, int64_t* exit_layer);
   // The model's inputs (x, t_in_, y_in_ when conditional) in `s`'s input order: stem and full share them.
   void model_inputs(const SegmentDesc& s, const void* x, void* in[3]);
+  // Sizes only (memory_needed): nothing is allocated, no engine.
+  Runtime(const ModelDesc& model, int capacity, bool u_map);
+  void set_sizes(const ModelDesc& model, int capacity, bool u_map);
+  // Every buffer and host array sized by the capacity, each handed to `f(storage, bytes)` once:
+  // the one list that memory_needed counts and the constructor allocates.
+  template <class F>
+  void each_allocation(F&& f);
   int take();
   void give(int id);
   void run(int seg, int n, void* const* in, void* const* out);  // engine_->run, counted
@@ -94,6 +107,7 @@ class Runtime {
   int64_t calls_ = 0;
 
   int cap_ = 0, n_layers_ = 0, k_ = 0;
+  bool maps_ = false;  // the layers emit u_map
   int64_t img_ = 0, hid_ = 0, dim_ = 0;
   int seg_head_ = 0, seg_full_ = 0;
 
@@ -110,5 +124,10 @@ class Runtime {
   std::vector<int> free_;
   std::vector<int> saved_;
 };
+
+// Throws std::runtime_error when a Runtime of `capacity` rows for `model` (built for `max_batch`)
+// needs more memory than `ops`' device has free, naming both figures and the largest max_batch that
+// fits; the OOM killer would otherwise end the process while the buffers are zeroed.
+void require_memory(const ModelDesc& model, int max_batch, int capacity, bool u_map, const Ops& ops);
 
 }  // namespace adadiff

@@ -1,6 +1,7 @@
 // TensorRT 10 plans on the runtime's CUDA stream. Written against the TensorRT 10 C++ API
-// documentation (IRuntime::deserializeCudaEngine, IExecutionContext::setInputShape /
-// setTensorAddress / enqueueV3); it has NOT run in our CI (no TensorRT there).
+// documentation (IRuntime::deserializeCudaEngine, ICudaEngine::getProfileShape,
+// IExecutionContext::setInputShape / setTensorAddress / enqueueV3); it has NOT run in our CI (no
+// TensorRT there; it compiles against the TensorRT 10.9 headers).
 #include "tensorrt_engine.hpp"
 
 #include <stdexcept>
@@ -11,7 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <fstream>
-#include <iterator>
+#include <utility>
 #include <vector>
 #endif
 
@@ -107,21 +108,50 @@ class TensorRtEngine final : public Engine {
     throw std::runtime_error("TensorRT: segment " + s.name + ": " + call + " failed: " + logger_.last_error);
   }
 
+  // The plan's optimization profile must be the one manifest.json records (tensorrt.profile): the
+  // runtime trusts its min/max for the batches it sends, and opt tells which batch the kernels were
+  // chosen for; a mismatch means the plan and the manifest come from different builds.
+  void check_profile(const Plan& p, const SegmentDesc& s, const PlanDesc& plan) const {
+    if (p.engine->getNbOptimizationProfiles() < 1)
+      throw std::runtime_error("TensorRT: " + plan.file + " has no optimization profile (the batch is dynamic)");
+    const TensorRtDesc& t = m_.tensorrt;
+    const std::pair<nvinfer1::OptProfileSelector, int> want[] = {{nvinfer1::OptProfileSelector::kMIN, t.profile_min},
+                                                                  {nvinfer1::OptProfileSelector::kOPT, t.profile_opt},
+                                                                  {nvinfer1::OptProfileSelector::kMAX, t.profile_max}};
+    const char* names[] = {"min", "opt", "max"};
+    const std::string& input = s.inputs.at(0).name;
+    for (int k = 0; k < 3; ++k) {
+      const nvinfer1::Dims d = p.engine->getProfileShape(input.c_str(), 0, want[k].first);
+      if (d.nbDims < 1 || d.d[0] != want[k].second)
+        throw std::runtime_error("TensorRT: " + plan.file + ": its profile's " + names[k] + " batch is " +
+                                 (d.nbDims < 1 ? std::string("undefined") : std::to_string(d.d[0])) +
+                                 ", manifest.json's tensorrt.profile." + names[k] + " is " +
+                                 std::to_string(want[k].second) + " (the plan and the manifest come from different builds)");
+    }
+  }
+
   void load(int seg, const PlanDesc& plan) {
     const SegmentDesc& s = m_.segments[seg];
     const std::string path = m_.verified_path("TensorRT plan of segment " + s.name, plan.file, plan.sha256);
-    std::ifstream f(path, std::ios::binary);
-    std::vector<char> blob((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    // One sized read: plans run to gigabytes, which a character-by-character iterator crawls through.
+    std::ifstream f(path, std::ios::binary | std::ios::ate);
+    std::vector<char> blob(f ? size_t(f.tellg()) : 0);
+    if (!f || !f.seekg(0).read(blob.data(), std::streamsize(blob.size())))
+      throw std::runtime_error("TensorRT: cannot read " + path);
     Plan& p = plans_[seg];
     p.engine.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
     if (!p.engine)
-      throw std::runtime_error("TensorRT: cannot deserialize " + plan.file + " (built for another TensorRT version or GPU?): " +
+      throw std::runtime_error("TensorRT: cannot deserialize " + plan.file + ": manifest.json says the plans were built by TensorRT " +
+                               m_.tensorrt.version + " for " + (m_.tensorrt.gpu_arch.empty() ? "an unrecorded GPU" : m_.tensorrt.gpu_arch) +
+                               ", and a plan runs only with that TensorRT version on that GPU architecture (this is TensorRT " +
+                               std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) + "): " +
                                logger_.last_error);
     for (const auto* list : {&s.inputs, &s.outputs})
       for (const TensorDesc& t : *list)
         if (p.engine->getTensorDataType(t.name.c_str()) != trt_type(t.dtype))
           throw std::runtime_error("TensorRT: " + plan.file + ": tensor " + t.name + " has another dtype than the manifest's " +
                                    dtype_name(t.dtype));
+    check_profile(p, s, plan);
     p.context.reset(p.engine->createExecutionContext());
     if (!p.context) throw std::runtime_error("TensorRT: createExecutionContext failed for " + s.name);
   }

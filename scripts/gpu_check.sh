@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of adadiff_rt's CUDA path, for a bare GPU machine (torch with CUDA, nvcc, cmake,
-# pybind11; no OpenVINO, no TensorRT, no network). From the repository root:
+# pybind11, OpenSSL's headers (libssl-dev); no OpenVINO, no TensorRT, no network: nlohmann/json comes
+# from third_party/ where the system has none). From the repository root:
 #
 #     bash scripts/gpu_check.sh            # writes gpu_check.log (and into $OUT when set)
 #

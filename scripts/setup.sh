@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
-apt_packages=(dataset-fashion-mnist cmake g++ make python3-venv)
+# nlohmann-json3-dev and libssl-dev: adadiff_rt reads manifest.json with nlohmann/json and hashes
+# every engine file with OpenSSL's SHA-256; python3-venv: the serving venv (below).
+apt_packages=(dataset-fashion-mnist cmake g++ make nlohmann-json3-dev libssl-dev python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

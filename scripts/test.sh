@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then pass the tests: the whole suite against the installed adadiff_rt (its tests may not
-# skip: ADADIFF_RT_REQUIRED=1), then the runtime tests again on an ASan+UBSan build of the C++ core.
+# skip: ADADIFF_RT_REQUIRED=1), the C++ example against the installed C++ library, then the
+# runtime tests again on an ASan+UBSan build of the C++ core.
 # ADADIFF_SKIP_SANITIZE=1 leaves out the sanitizer stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,17 @@ bash scripts/setup.sh
 
 # Run from a folder outside the checkout's build dirs so `import adadiff_rt` finds the installed module.
 ADADIFF_RT_REQUIRED=1 python -m pytest -q tests
+
+# The C++ user's path (about a minute): the library installed alone, examples/cpp built against it
+# with find_package(adadiff_rt) and run on the tiny engines folder the runtime tests built (found in
+# pytest's cache, or built again if that is gone).
+ENGINES=$(python -c "import sys; sys.path.insert(0, 'tests')
+from pathlib import Path
+from conftest import tiny_model
+from runtime_engines import onnx_engines
+from test_runtime import MAX_BATCH
+print(onnx_engines(Path('.pytest_cache/d/adadiff_rt_engines'), tiny_model(uem_gain=20.0), MAX_BATCH))")
+bash scripts/cpp_example.sh "$ENGINES"
 
 if [ "${ADADIFF_SKIP_SANITIZE:-0}" != "1" ]; then
   OV=$(python -c "import openvino,os;print(os.path.dirname(openvino.__file__))")/cmake

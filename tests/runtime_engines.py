@@ -31,7 +31,7 @@ TOL = 1e-4  # fp32 parity: max |got - ref| / max |ref|
 
 
 def import_runtime(need_openvino: bool = False):
-    """adadiff_rt, or skip the calling test module (never skip under ADADIFF_RT_REQUIRED=1, as in CI)."""
+    """adadiff_rt, or skip the calling test (or module, called at its top; never under ADADIFF_RT_REQUIRED=1, as in CI)."""
     if os.environ.get("ADADIFF_RT_REQUIRED") == "1":
         import adadiff_rt
     else:

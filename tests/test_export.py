@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from adadiff_export.model import checkpoint as ckpt
 from adadiff_export.model.schedule import VPSchedule
 
 from conftest import tiny_model
+from runtime_engines import import_runtime
 
 MAX_BATCH = 8
 
@@ -188,6 +190,71 @@ def test_verify_names_the_segment_whose_file_holds_another_segment(built, tmp_pa
     (swapped / mf.FILENAME).write_text(json.dumps(doc))
     assert main(["verify", str(swapped), "--no-parity"]) == 2
     assert "segment layer_4: layer_5.onnx holds segment layer_5" in capsys.readouterr().err
+
+
+def _edited_copy(out: Path, dst: Path, edit) -> Path:
+    import json
+
+    shutil.copytree(out, dst, ignore=shutil.ignore_patterns("openvino_cache"))
+    doc = json.loads((dst / mf.FILENAME).read_text())
+    edit(doc)
+    (dst / mf.FILENAME).write_text(json.dumps(doc))
+    return dst
+
+
+@pytest.mark.parametrize("edit", [lambda d: d["model"].update(embed_dim=33), lambda d: d["model"].update(img_size=16),
+                                  lambda d: d.update(max_batch=10**7)], ids=["embed_dim", "img_size", "max_batch"])
+def test_verify_refuses_what_the_runtime_refuses(built, tmp_path, capsys, edit):
+    """verify said OK for a folder whose manifest had an edited embed_dim or img_size, which the runtime
+    then refused at load: it now runs the runtime's own load checks, so it fails with the runtime's message."""
+    adadiff_rt = import_runtime()
+    folder = _edited_copy(built[0], tmp_path / "edited", edit)
+    with pytest.raises(RuntimeError) as refused:
+        adadiff_rt.Runtime(str(folder), cache_dir="")
+    assert main(["verify", str(folder), "--no-parity"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"adadiff_rt refuses {folder}: {refused.value}" in err, err
+
+
+def test_verify_says_when_the_runtime_checks_did_not_run(built, tmp_path, capsys, monkeypatch):
+    """Without an importable adadiff_rt, verify says that the runtime's checks did not run, and still
+    checks every file in Python."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "adadiff_rt", None)  # import adadiff_rt now raises ImportError
+    folder = _edited_copy(built[0], tmp_path / "copy", lambda d: None)
+    assert main(["verify", str(folder), "--no-parity"]) == 0
+    out = capsys.readouterr().out
+    assert "runtime: adadiff_rt cannot be imported here" in out and "did NOT run" in out
+    assert "files: 8 files present with matching sha256" in out
+    (folder / "head.onnx").write_bytes(b"changed")
+    assert main(["verify", str(folder), "--no-parity"]) == 2
+    assert "head.onnx is damaged or was changed" in capsys.readouterr().err
+
+
+def test_verify_reports_the_runtime_checks(built, capsys):
+    import_runtime()
+    assert main(["verify", str(built[0]), "--no-parity"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"runtime: adadiff_rt \S+ accepts the folder: manifest version 2, 8 files with matching sha256 "
+                     r"inside .*; buffers for 16 rows take [\d.]+ KiB, [\d.]+ GiB free \(", out), out
+
+
+def test_build_refuses_a_max_batch_the_runtime_could_not_hold(built, tmp_path, capsys, monkeypatch):
+    """build --max-batch 10^7 used to export a folder whose runtime the OOM killer then ended: it is refused
+    before anything is exported, with the memory the runtime would need."""
+    from adadiff_export.export import onnx_export
+
+    import_runtime()
+    exported = []
+    monkeypatch.setattr(onnx_export, "export_segment", lambda *a, **k: exported.append(a))
+    out = tmp_path / "engines"
+    assert main(["build", str(built[1]), "-o", str(out), "--max-batch", str(10**7)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --max-batch 10000000: max_batch 10000000 needs " in err, err
+    assert "of host memory for adadiff_rt's buffers (20000000 rows" in err
+    assert exported == [] and not out.exists()
+    _no_leftovers(tmp_path)
 
 
 def test_profile_costs_and_cumulative_exit_cost(built):

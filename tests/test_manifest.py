@@ -12,6 +12,7 @@ from adadiff_export.export.segments import segment_specs
 from adadiff_export.model.config import preset
 from adadiff_export.model.uvit import UViT
 from adadiff_export.sampling.exit_settings import ExitDefaults, TimeTable
+from runtime_engines import import_runtime
 
 
 def _folder(tmp_path: Path, depth_preset: str = "tiny") -> Path:
@@ -174,3 +175,42 @@ def test_bad_exit_sections_are_refused(tmp_path, exit_edit, message):
     _edit(folder, lambda d: d["exit"].update(exit_edit))
     with pytest.raises(mf.ManifestError, match=message):
         mf.load(folder)
+# ----- the runtime's reader (adadiff_rt.check_engines) on the same folders --------------------------
+
+def test_runtime_streams_large_files_through_its_hash(tmp_path):
+    """A TensorRT plan larger than the runtime's 4 MiB read buffer (plans run to gigabytes): hashed whole,
+    so a change in its last byte is named with both digests."""
+    import hashlib
+
+    adadiff_rt = import_runtime()
+    folder = _folder(tmp_path)
+    plan = folder / "stem.plan"
+    data = bytearray(range(256)) * (9 * 4096) + b"end"  # 9 MiB and 3 bytes: two full reads and a short one
+    plan.write_bytes(bytes(data))
+    digest = hashlib.sha256(data).hexdigest()
+    trt = {"version": "10.9", "gpu_arch": "sm_90", "precision": "fp16", "profile": {"min": 1, "opt": 4, "max": 8},
+           "plans": {"stem": {"file": "stem.plan", "sha256": digest}}}
+    _edit(folder, lambda d: d.update(tensorrt=trt))
+    found = adadiff_rt.check_engines(str(folder))
+    assert found["files"] == 9 and found["max_batch"] == 8
+    data[-1] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    changed = hashlib.sha256(data).hexdigest()
+    with pytest.raises(RuntimeError, match=f"TensorRT plan of segment stem: file stem.plan does not match its sha256 "
+                                           f"in manifest.json \\(expected {digest}, found {changed}\\)"):
+        adadiff_rt.check_engines(str(folder))
+
+
+def test_runtime_sizes_its_buffers_alike_for_a_folder_and_for_build(tmp_path):
+    """check_engines (a folder) and check_memory (build --max-batch, before a folder exists) give the
+    same bytes, which grow in proportion to the rows."""
+    adadiff_rt = import_runtime()
+    folder = _folder(tmp_path)
+    model = json.loads((folder / mf.FILENAME).read_text())["model"]
+    at_8 = adadiff_rt.check_memory(model, 8)
+    from_folder = adadiff_rt.check_engines(str(folder))["memory"]
+    assert (from_folder["capacity"], from_folder["needed"]) == (at_8["capacity"], at_8["needed"])
+    at_16, at_24 = adadiff_rt.check_memory(model, 16), adadiff_rt.check_memory(model, 24)
+    assert at_8["capacity"] == 16 and at_16["needed"] - at_8["needed"] == at_24["needed"] - at_16["needed"] > 0
+    with pytest.raises(ValueError, match="max_batch must be in 1..1000000000"):
+        adadiff_rt.check_memory(model, 0)

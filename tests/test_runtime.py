@@ -5,8 +5,10 @@ The engines folder is a real build (build_engines) of a random tiny model, cache
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -292,10 +294,13 @@ def test_missing_file_is_named(folder_copy):
 
 def test_tampered_file_is_named(folder_copy):
     p = folder_copy / "head.onnx"
+    recorded = hashlib.sha256(p.read_bytes()).hexdigest()
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match=r"segment head.*sha256"):
+    found = hashlib.sha256(bytes(data)).hexdigest()
+    with pytest.raises(RuntimeError, match=f"segment head: file head.onnx does not match its sha256 in manifest.json "
+                                           f"\\(expected {recorded}, found {found}\\)"):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
@@ -312,10 +317,78 @@ def test_file_outside_the_folder_is_refused(folder_copy, name):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
-@pytest.mark.parametrize("text", ["", "{", '{"format": "adadiff-engines", "version": 1,}', "[1, 2]", '{"a": 1, "a": 2}'])
-def test_malformed_manifest(folder_copy, text):
+def test_links_may_point_only_inside_the_folder(folder_copy, tmp_path):
+    """A plain file name that is a symbolic link: loaded when it points to a file in the folder, refused
+    when it points outside it, by the runtime as by verify (one rule: the real path's folder)."""
+    from adadiff_export.export import manifest as mf
+
+    head = folder_copy / "head.onnx"
+    head.rename(folder_copy / "head.real")
+    head.symlink_to("head.real")
+    adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+    outside = tmp_path / "elsewhere.onnx"
+    (folder_copy / "head.real").rename(outside)
+    head.unlink()
+    head.symlink_to(outside)
+    message = f"segment head: file head.onnx resolves to {outside}, outside the engines folder {folder_copy}"
+    with pytest.raises(RuntimeError, match=message):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.load(folder_copy)
+    linked = tmp_path / "linked"
+    head.unlink()
+    outside.rename(head)
+    linked.symlink_to(folder_copy)  # the folder itself may be a link
+    adadiff_rt.Runtime(str(linked), cache_dir="")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "malformed JSON: parse error at line 1, column 1: .*unexpected end of input"),
+    ("{", "malformed JSON: parse error at line 1, column 2: .*unexpected end of input"),
+    ('{"format": "adadiff-engines", "version": 1,}', "malformed JSON: parse error at line 1, column 44: .*unexpected '}'"),
+    ('{\n  "format": "adadiff-engines",\n  "version": 1\n  "model": {}\n}', "malformed JSON: parse error at line 4, column 9: .*expected '}'"),
+    ('{"format": "adadiff-engines", "version": tru}', "malformed JSON: parse error at line 1, column 45: .*invalid literal"),
+    ("[1, 2]", "manifest.json: document: expected an object, got array"),
+    ('{"a": 1, "a": 2}', 'manifest.json: document: duplicate key "a"'),
+])
+def test_malformed_manifest(folder_copy, text, message):
+    """Malformed JSON is named with its position; a document that is not an object, or an object
+    holding one key twice (ambiguous: which value did the exporter mean?), is refused."""
     (folder_copy / "manifest.json").write_text(text)
-    with pytest.raises(RuntimeError, match="manifest.json"):
+    with pytest.raises(RuntimeError, match=message):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+def test_duplicate_key_names_the_object(folder_copy):
+    path = folder_copy / "manifest.json"
+    text = path.read_text()
+    path.write_text(text.replace('"depth": 5', '"depth": 5, "depth": 7', 1))
+    with pytest.raises(RuntimeError, match='manifest.json: model: duplicate key "depth"'):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+    doc = json.loads(text)
+    head = next(i for i, s in enumerate(doc["segments"]) if s["name"] == "head")
+    path.write_text(json.dumps(doc, indent=1).replace('"kind": "head"', '"kind": "head", "kind": "layer"'))
+    with pytest.raises(RuntimeError, match=f'manifest.json: segments\\[{head}\\]: duplicate key "kind"'):
+        adadiff_rt.Runtime(str(folder_copy), cache_dir="")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["segments"][3].update(file=7), "segment layer_3.file: expected a string, got number 7"),
+    (lambda d: d["model"].update(embed_dim="32"), 'model.embed_dim: expected an integer, got string "32"'),
+    (lambda d: d["model"].update(depth=5.5), "model.depth: expected an integer, got number 5.5"),
+    (lambda d: d.update(max_batch=[16]), "max_batch: expected an integer, got array"),
+    (lambda d: d["segments"][0]["inputs"][0].update(shape=["B", 1, "8", 8]),
+     r"segment stem.inputs\[0\].shape\[2\]: only the first dimension may be symbolic"),
+    (lambda d: d["exit"].update(threshold="0.1"), 'exit.threshold: expected a number, got string "0.1"'),
+    (lambda d: d.update(exit=[]), "exit: expected an object, got array"),
+    (lambda d: d.update(segments={}), "segments: expected an array, got object"),
+    (lambda d: d.pop("schedule"), "document: missing field 'schedule'"),
+])
+def test_wrong_types_name_the_field(folder_copy, edit, message):
+    """A value of the wrong type is named by its path and shows what was found (an exit field of the
+    wrong type used to fall back to the default silently)."""
+    _edit_manifest(folder_copy, edit)
+    with pytest.raises(RuntimeError, match=message):
         adadiff_rt.Runtime(str(folder_copy), cache_dir="")
 
 
@@ -384,3 +457,68 @@ def test_device_and_engine_choices(engines):
     if not (adadiff_rt.has_cuda and torch.cuda.is_available()):
         with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
             adadiff_rt.Runtime(str(engines), device="cuda")
+    with pytest.raises(ValueError, match="engine='openvino' runs on device='cpu' only"):
+        adadiff_rt.Runtime(str(engines), device="cuda", engine="openvino")
+    with pytest.raises(ValueError, match="engine='dlpack' runs the caller's callables"):
+        adadiff_rt.Runtime(str(engines), engine="dlpack")
+
+
+def test_options_an_engine_cannot_honour_are_refused(folder_copy):
+    """precision and threads used to be ignored silently by TensorRT and the DLPack callables: each is
+    refused, naming what the engine does instead, before any device or engine is touched."""
+    plans = {s["name"]: {"file": f"{s['name']}.plan", "sha256": "0" * 64}
+             for s in json.loads((folder_copy / "manifest.json").read_text())["segments"]}
+    _edit_manifest(folder_copy, lambda d: d.update(tensorrt={
+        "version": "10.9", "gpu_arch": "sm_90", "precision": "fp16", "profile": {"min": 1, "opt": 4, "max": 16},
+        "plans": plans}))
+    trt = dict(device="cuda", engine="tensorrt")
+    for kw, message in [(dict(trt, precision="fp32"), "precision='fp32' cannot be honoured by engine='tensorrt': "
+                                                      "the folder's plans were built in fp16"),
+                        (dict(trt, threads=2), "threads=2 cannot be honoured by engine='tensorrt'"),
+                        (dict(segments={}, threads=1), "threads=1 cannot be honoured by engine='dlpack'"),
+                        (dict(segments={}, precision="fp32"), "precision='fp32' cannot be honoured by engine='dlpack'"),
+                        (dict(precision="fp16"), "precision must be 'fp32' or 'bf16' for OpenVINO, got 'fp16'")]:
+        with pytest.raises(ValueError, match=message):
+            adadiff_rt.Runtime(str(folder_copy), **kw)
+    if not (adadiff_rt.has_cuda and torch.cuda.is_available()):  # the plans' own precision passes the check
+        with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
+            adadiff_rt.Runtime(str(folder_copy), precision="fp16", **trt)
+
+
+def test_huge_max_batch_fails_fast_naming_the_memory(folder_copy):
+    """max_batch 10^7 used to make the runtime zero hundreds of GB until the OOM killer ended it:
+    the runtime, and check_engines (verify), refuse it before allocating, naming what it needs
+    and what is free. Run with allocations capped (a 16 GiB address-space limit; under
+    AddressSanitizer, which reserves terabytes of address space, its 4 GiB soft RSS limit), so a
+    regression fails this test with MemoryError instead of taking the machine's memory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    _edit_manifest(folder_copy, lambda d: d.update(max_batch=10**7))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    asan = "asan" in env.get("LD_PRELOAD", "")
+    if asan:
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":allocator_may_return_null=1:soft_rss_limit_mb=4096"
+    script = textwrap.dedent(f"""
+        import resource, sys
+        if not {asan}:
+            resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+        import adadiff_rt
+        for load in (lambda: adadiff_rt.Runtime({str(folder_copy)!r}, cache_dir=""),
+                     lambda: adadiff_rt.check_engines({str(folder_copy)!r})):
+            try:
+                load()
+                print("LOADED")
+            except RuntimeError as e:
+                print(e)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout
+    for line in lines:
+        assert line.startswith(f"{folder_copy}/manifest.json: max_batch 10000000 needs "), line
+        assert re.search(r"needs [\d.]+ GiB of host memory for adadiff_rt's buffers \(20000000 rows", line), line
+        assert re.search(r"; (MemAvailable in /proc/meminfo|the cgroup's memory.max less memory.current) is "
+                         r"[\d.]+ [KMGT]?i?B\. Rebuild the engines with a smaller max_batch", line), line

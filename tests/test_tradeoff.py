@@ -51,6 +51,11 @@ def test_tradeoff_fits_measures_and_writes_every_policy(tiny_checkpoint, classif
     if timed:
         assert all(r["rt_ms"] > 0 for r in rec["rows"])
         assert (tmp_path / "out" / "tradeoff_time.png").exists()
+        # --retime measures the same rows again, quality untouched
+        assert main(args + ["--retime", "--repeats", "1"]) == 0
+        again = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
+        assert [(r["name"], r["fd"]) for r in again["rows"]] == [(r["name"], r["fd"]) for r in rec["rows"]]
+        assert all(r["rt_ms"] > 0 for r in again["rows"])
 
 
 def test_tradeoff_refuses_bad_budgets_before_work(tiny_checkpoint, capsys):

@@ -107,6 +107,34 @@ def run_tradeoff(loaded: Loaded, engines: Optional[Path], clf: LoadedClassifier,
                                                           f"{report.runs} sampling runs, J in {report.features}")
 
 
+def policy_of(row: TradeoffRow) -> ExitPolicy:
+    """The policy a row measured, from its kind and params (what tradeoff.json stores)."""
+    from ..sampling.exit_settings import TimeTable
+
+    if row.kind == "full":
+        return FULL_DEPTH
+    if row.kind in ("schedule", "uem-time"):
+        return ExitPolicy(row.kind, table=TimeTable.from_dict(row.params))
+    if row.kind == "static":
+        return ExitPolicy("static", layer=int(row.params["layer"]))
+    return ExitPolicy(row.kind, threshold=float(row.params["threshold"]))
+
+
+def load(path: Path) -> TradeoffResult:
+    """A result written by `write` (tradeoff.json)."""
+    d = json.loads(Path(path).read_text())
+    rows = [TradeoffRow(**{**r, "rt_ms": float("nan") if r.get("rt_ms") is None else r["rt_ms"]}) for r in d["rows"]]
+    return TradeoffResult(rows, d["machine"], int(d["n"]), int(d["time_batch"]), str(d["calibration"]))
+
+
+def retime(res: TradeoffResult, loaded: Loaded, engines: Path, time_batch: int, repeats: int, threads: int) -> None:
+    """Measure the rows' adadiff_rt times again (all round-robin in this process), e.g. on a quieter machine."""
+    res.time_batch = time_batch
+    res.machine = machine()
+    _time_rows(res.rows, [policy_of(r) for r in res.rows], loaded, engines, exit_defaults(loaded).guidance,
+               time_batch, repeats, threads)
+
+
 def _row(p: EvalPoint, budget: Optional[float]) -> TradeoffRow:
     return TradeoffRow(p.name, "full" if p.policy == FULL_DEPTH else p.policy.kind, budget, p.mean_layers,
                        p.accuracy, p.fd, params=_params(p.policy))
@@ -197,7 +225,7 @@ def write(res: TradeoffResult, out: Path, depth: int, command: str) -> List[Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tradeoff.md").write_text(markdown(res, depth, command) + "\n")
+    rows = [{**asdict(r), "rt_ms": r.rt_ms if np.isfinite(r.rt_ms) else None} for r in res.rows]
     (out / "tradeoff.json").write_text(json.dumps({"machine": res.machine, "n": res.n, "time_batch": res.time_batch,
-                                                   "calibration": res.calibration,
-                                                   "rows": [asdict(r) for r in res.rows]}, indent=1, default=float))
+                                                   "calibration": res.calibration, "rows": rows}, indent=1))
     return [out / "tradeoff.md", out / "tradeoff.json", *plot(res, out / "tradeoff_layers.png", out / "tradeoff_time.png")]

@@ -34,12 +34,15 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="OpenVINO threads for the timings (0: its default)")
     p.add_argument("--classifier", type=Path, default=None, help="quality classifier (default: the shipped one)")
     p.add_argument("--out", type=Path, default=Path("tradeoff_out"), help="folder for the table, JSON and PNGs")
+    p.add_argument("--retime", action="store_true",
+                   help="only time again the rows of OUT/tradeoff.json (same policies, fitted and measured before), "
+                        "e.g. on a quieter machine, and rewrite the table and pictures")
     p.set_defaults(func=_cmd_tradeoff)
 
 
 def _cmd_tradeoff(a: argparse.Namespace) -> int:
     from ..bench.contenders import ensure_engines
-    from ..bench.tradeoff import budgets_of, markdown, run_tradeoff, write
+    from ..bench.tradeoff import budgets_of, load, markdown, retime, run_tradeoff, write
     from ..model import checkpoint as ckpt
     from ..quality.metrics import load_classifier
 
@@ -51,17 +54,26 @@ def _cmd_tradeoff(a: argparse.Namespace) -> int:
         raise ValueError("--n and --cal-samples must be at least 2 (FD and calibration need a spread)")
     if a.time_batch < 1 or a.repeats < 1:
         raise ValueError("--time-batch and --repeats must be at least 1")
+    if a.retime and a.no_time:
+        raise ValueError("--retime times the rows again; it cannot go with --no-time")
+    previous = a.out / "tradeoff.json"
+    if a.retime and not previous.is_file():
+        raise FileNotFoundError(f"--retime needs {previous} from an earlier tradeoff run")
     loaded = ckpt.load(a.checkpoint)
     depth = loaded.model.depth
     budgets_of(depth, saved)  # refuse bad budgets before any work
-    clf = load_classifier(a.classifier)
+    clf = None if a.retime else load_classifier(a.classifier)
     a.out.mkdir(parents=True, exist_ok=True)
     engines = None
     if not a.no_time:
         path = a.checkpoint if a.checkpoint is not None else ckpt.SHIPPED_CHECKPOINT
         engines = ensure_engines(Path(path), a.engines, max_batch=a.time_batch, build_max_batch=64)
-    res = run_tradeoff(loaded, engines, clf, saved, a.n, a.cal_samples, a.time_batch, a.repeats, a.threads,
-                       log=lambda m: print(m, flush=True))
+    if a.retime:
+        res = load(previous)
+        retime(res, loaded, engines, a.time_batch, a.repeats, a.threads)
+    else:
+        res = run_tradeoff(loaded, engines, clf, saved, a.n, a.cal_samples, a.time_batch, a.repeats, a.threads,
+                           log=lambda m: print(m, flush=True))
     command = "python -m adadiff_export " + " ".join(shlex.quote(v) for v in sys.argv[1:])
     paths = write(res, a.out, depth, command)
     print(markdown(res, depth, command))

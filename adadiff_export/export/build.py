@@ -91,6 +91,24 @@ def model_section(loaded: Loaded) -> dict:
             "num_tokens": c.num_tokens, "num_extra_tokens": c.num_extra_tokens}
 
 
+def check_runtime_memory(loaded: Loaded, opts: BuildOptions, log: Callable[[str], None]) -> None:
+    """Refuse a max_batch whose adadiff_rt buffers would not fit this machine's free memory, before
+    anything is exported: the runtime itself sizes them (adadiff_rt.check_memory), so the figure is the
+    one a Runtime of the finished folder would check at load."""
+    try:
+        import adadiff_rt
+    except ImportError:
+        log(f"runtime memory for --max-batch {opts.max_batch} not checked: adadiff_rt cannot be imported here")
+        return
+    if not hasattr(adadiff_rt, "check_memory"):
+        log(f"runtime memory for --max-batch {opts.max_batch} not checked: this adadiff_rt predates check_memory")
+        return
+    try:
+        adadiff_rt.check_memory(model_section(loaded), opts.max_batch, u_map=opts.uncertainty_map)
+    except (RuntimeError, ValueError) as e:
+        raise BuildError(f"--max-batch {opts.max_batch}: {e}") from None
+
+
 def _export_all(loaded: Loaded, tmp: Path, opts: BuildOptions, log: Callable[[str], None]) -> List[Segment]:
     from tqdm import tqdm
 
@@ -157,7 +175,8 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
     and a GPU are present (`tensorrt="on"` requires them, `"off"` skips them), optionally
     calibrates the exit threshold, and writes `manifest.json`. Raises FileExistsError when `out`
     exists and not `force`, CheckpointError (naming the tensor) before exporting anything when a
-    weight is NaN or Inf; any failure removes the temporary folder and leaves `out` untouched.
+    weight is NaN or Inf, BuildError before exporting anything when adadiff_rt's buffers for
+    `max_batch` would not fit in this machine's free memory; any failure removes the temporary folder and leaves `out` untouched.
     """
     from . import tensorrt_build
 
@@ -171,6 +190,7 @@ def build_engines(checkpoint: Optional[Path], out: Path, max_batch: int = 64, pr
                                 "pass a CHECKPOINT file to build")
     loaded = load(ckpt)
     require_finite(loaded)
+    check_runtime_memory(loaded, opts, log)
     trt = tensorrt_build.probe() if opts.tensorrt != "off" else None
     if opts.tensorrt == "on" and not trt.available:
         raise tensorrt_build.TensorRTUnavailable(f"--tensorrt on: {trt.reason}")

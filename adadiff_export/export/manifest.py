@@ -295,8 +295,9 @@ def check_files(m: Manifest, folder: Path) -> None:
     folder = Path(folder).resolve()
     for what, name, digest in m.files():
         path = folder / check_file_name(name, what)
-        if path.resolve().parent != folder:
-            raise ManifestError(f"{what}: {name!r} resolves outside {folder}")
+        if path.resolve().parent != folder:  # the rule adadiff_rt applies (Manifest::verified_path)
+            raise ManifestError(f"{what}: file {name} resolves to {path.resolve()}, outside the engines folder "
+                                f"{folder} (a link in the folder may point only to a file in it)")
         if not path.is_file():
             raise ManifestError(f"{what}: file {name} is missing from {folder}")
         got = sha256_file(path)

@@ -2,8 +2,12 @@
 
 Checks, each failure one error naming the file or segment (exit status 2):
 1. the manifest: format, version, schema, segment order, tensor names, skip wiring;
-2. file names are plain names inside the folder; every file exists and has its sha256
-   (a tampered or truncated file is named);
+2. what adadiff_rt checks when it loads the folder, by adadiff_rt itself (`adadiff_rt.check_engines`,
+   the runtime's own code, so verify passes no folder the runtime refuses): every tensor's shape
+   against the model config, file names plain and inside the folder (a link pointing out of it is
+   refused), every file's sha256 (a tampered or truncated file is named), the memory the runtime's
+   buffers need for max_batch. Where adadiff_rt cannot be imported, the file checks run in Python
+   and the output says that the runtime's checks did not run;
 3. every ONNX file passes the ONNX checker and declares the manifest's tensors;
 4. parity through onnxruntime: the segments chained at full depth against `full.onnx`; and, when
    the source checkpoint is at hand (`--checkpoint`, or the path recorded at build time with the
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .manifest import Manifest, ManifestError, load, sha256_file
+from .manifest import Manifest, ManifestError, check_files, load, sha256_file
 
 
 @dataclass
@@ -45,6 +49,43 @@ def source_checkpoint(manifest: Manifest, checkpoint: Optional[Path] = None) -> 
     return None
 
 
+def _size(n: Optional[int]) -> str:
+    """Bytes in binary units, as adadiff_rt writes them ("1.5 MiB"); None is unknown."""
+    if n is None:
+        return "unknown"
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def runtime_checks(folder: Path, log: Callable[[str], None]) -> bool:
+    """Run adadiff_rt's load-time checks on `folder` (adadiff_rt.check_engines), log what they found,
+    and return True; return False, saying so, where adadiff_rt cannot be imported. Raises
+    ManifestError with the runtime's own message when it refuses the folder."""
+    try:
+        import adadiff_rt
+    except ImportError as e:
+        log(f"runtime: adadiff_rt cannot be imported here ({e}): the checks it makes when it loads the folder "
+            "(tensors against the model config, memory for max_batch) did NOT run; files checked in Python")
+        return False
+    if not hasattr(adadiff_rt, "check_engines"):
+        log(f"runtime: this adadiff_rt ({adadiff_rt.__file__}) predates check_engines (reinstall: pip install .): "
+            "the checks it makes when it loads the folder did NOT run; files checked in Python")
+        return False
+    try:
+        found = adadiff_rt.check_engines(str(folder))
+    except RuntimeError as e:
+        raise ManifestError(f"adadiff_rt refuses {folder}: {e}") from None
+    mem = found["memory"]
+    log(f"runtime: adadiff_rt {adadiff_rt.__version__} accepts the folder: manifest version {found['version']}, "
+        f"{found['files']} files with matching sha256 inside {folder}; buffers for {mem['capacity']} rows take "
+        f"{_size(mem['needed'])}, {_size(mem['free'])} free ({mem['source']})")
+    return True
+
+
 def _check_onnx_files(folder: Path, manifest: Manifest) -> None:
     from .onnx_export import ExportError, check_onnx
 
@@ -61,17 +102,18 @@ def verify(folder: Path, checkpoint: Optional[Path] = None, parity: bool = True,
     from . import parity as par
 
     folder = Path(folder)
-    manifest = load(folder, check=True)
+    manifest = load(folder, check=False)
     report = VerifyReport(manifest)
 
     def say(line: str) -> None:
         report.lines.append(line)
         log(line)
 
-    n_files = sum(1 for _ in manifest.files())
     say(f"manifest: format {manifest.format} version {manifest.version}, {len(manifest.segments)} segments, "
         f"depth {manifest.depth}, max batch {manifest.max_batch}")
-    say(f"files: {n_files} files present with matching sha256, names inside {folder}")
+    if not runtime_checks(folder, say):
+        check_files(manifest, folder)
+        say(f"files: {sum(1 for _ in manifest.files())} files present with matching sha256, names inside {folder}")
     _check_onnx_files(folder, manifest)
     say("onnx: every segment passes the ONNX checker and declares the manifest's tensors")
     if manifest.tensorrt is None:
