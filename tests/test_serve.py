@@ -1,7 +1,6 @@
 """`serve` and `loadtest`: adadiff_rt behind a real Triton Inference Server (PyTriton), no mocks.
 
-The handler tests call the batch handlers directly with the runtime. The server tests start
-`python -m adadiff_export serve` on free loopback ports with the tiny engines folder (from this Python it runs
+The tests start `python -m adadiff_export serve` on free loopback ports with the tiny engines folder (from this Python it runs
 itself again in the serving venv that scripts/setup.sh makes), send concurrent requests with tritonclient over
 HTTP and gRPC, compare every answer with the local `Runtime` (image within 1e-5 relative, the same layers), send
 each kind of bad request, run the `loadtest` command, and last stop the server with SIGTERM while requests are in
@@ -27,133 +26,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adadiff_export.serve.handlers import DenoiseHandler, SampleHandler, mean_layers
-from adadiff_export.serve.protocol import MAX_STEPS, ModelFacts, RequestError, parse_sample
+from adadiff_export.serve.protocol import MAX_STEPS
 from runtime_engines import MAX_BATCH, import_runtime, rel_err
 from runtime_engines import engines, model  # noqa: F401 (module fixtures)
+from serve_requests import BAD_STRUCTURE, BAD_VALUES, SERVED_TOL, STEPS, assert_served_equals_local, \
+    mixed_requests, noise, sample_request
 
 adadiff_rt = import_runtime(need_openvino=True)
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("ADADIFF_RT_REQUIRED") == "1"
-SERVED_TOL = 1e-5        # served image against the local Runtime's: max |a - b| / max |b|
-STEPS = 12               # short sampling runs keep the suite quick; the default (50) is used by one request
-NUM_CLASSES = 10         # the tiny model's
 
 
 @pytest.fixture(scope="module")
 def rt(engines):
     return adadiff_rt.Runtime(str(engines), threads=1)
 
-
-@pytest.fixture(scope="module")
-def facts(rt):
-    return ModelFacts.of(rt)
-
-
-def noise(seed: int, batch: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, 1, 8, 8), dtype=np.float32)
-
-
-def sample_request(seed: int, label, batch: int = 1, **params) -> dict:
-    """An adadiff_sample request: noise, label and the optional [b, 1] parameters given (threshold, steps, guidance)."""
-    r = {"noise": noise(seed, batch), "label": np.full((batch, 1), label, np.int64)}
-    dtypes = {"threshold": np.float32, "steps": np.int32, "guidance": np.float32}
-    r.update({k: np.full((batch, 1), v, dtypes[k]) for k, v in params.items() if v is not None})
-    return r
-
-
-def local_sample(rt, request: dict, row: int):
-    """What `Runtime.sample` gives for one row of a request on its own: (image [C,H,W], mean layers)."""
-    kw = {}
-    if "threshold" in request:
-        kw = {"policy": "uem", "threshold": float(request["threshold"][row, 0])}
-    steps = int(request["steps"][row, 0]) if "steps" in request else None
-    guidance = float(request["guidance"][row, 0]) if "guidance" in request else None
-    images, layers = rt.sample(request["noise"][row:row + 1], request["label"][row:row + 1, 0], steps=steps,
-                               guidance=guidance, granularity="sample", **kw)
-    return images[0], float(mean_layers(layers, 1)[0])
-
-
-def assert_served_equals_local(rt, request: dict, out: dict) -> None:
-    for row in range(request["noise"].shape[0]):
-        image, layers = local_sample(rt, request, row)
-        assert rel_err(out["image"][row], image) <= SERVED_TOL
-        assert float(out["layers"][row, 0]) == pytest.approx(layers, abs=1e-6)
-
-
-# ----- the handlers, without a server -----
-
-def mixed_requests():
-    """Requests whose rows differ in every parameter: the default policy, full depth, uem thresholds, steps,
-    guidance, the null class, and a request of 3 rows."""
-    return [sample_request(0, 3, steps=STEPS), sample_request(1, 7, steps=STEPS, threshold=0.0),
-            sample_request(2, 1, steps=STEPS, threshold=0.7), sample_request(3, 10, steps=STEPS),
-            sample_request(4, 5, batch=3, steps=STEPS), sample_request(5, 2, steps=STEPS + 3),
-            sample_request(6, 4, steps=STEPS, guidance=1.0), sample_request(7, 9, steps=STEPS, guidance=3.5),
-            sample_request(8, 0, steps=STEPS, threshold=0.7)]
-
-
-def test_a_batch_of_mixed_requests_equals_each_request_alone(rt):
-    requests = mixed_requests()
-    results = SampleHandler(rt)(requests)
-    layers = []
-    for request, out in zip(requests, results):
-        assert not isinstance(out, RequestError), out
-        assert out["image"].shape == request["noise"].shape and out["layers"].shape == (request["noise"].shape[0], 1)
-        assert out["image"].dtype == np.float32 and out["layers"].dtype == np.float32
-        assert_served_equals_local(rt, request, out)
-        layers += out["layers"].ravel().tolist()
-    assert len(set(layers)) > 2  # rows of one batch left at different layers
-
-
-def test_a_bad_request_is_answered_alone_and_the_rest_of_the_batch_runs(rt):
-    good = sample_request(11, 3, steps=STEPS)
-    results = SampleHandler(rt)([sample_request(10, 42, steps=STEPS), good, sample_request(12, 3, threshold=2.0)])
-    assert isinstance(results[0], RequestError) and results[0].tensor == "label"
-    assert isinstance(results[2], RequestError) and results[2].tensor == "threshold"
-    assert_served_equals_local(rt, good, results[1])
-
-
-def test_denoise_handler_equals_runtime_denoise(rt):
-    x, t, y = noise(20, 5), np.linspace(0.05, 0.95, 5, dtype=np.float32), np.array([0, 3, 10, 7, 1])
-    plain = {"x": x[:3], "t": t[:3, None], "label": y[:3, None]}
-    with_threshold = {"x": x[3:], "t": t[3:, None], "label": y[3:, None], "threshold": np.full((2, 1), 0.7, np.float32)}
-    out = DenoiseHandler(rt)([plain, with_threshold])
-    eps, layer, _ = rt.denoise(x[:3], t[:3], y[:3], granularity="sample")
-    assert rel_err(out[0]["eps"], eps) <= SERVED_TOL and (out[0]["exit_layer"][:, 0] == layer).all()
-    eps, layer, _ = rt.denoise(x[3:], t[3:], y[3:], policy="uem", threshold=float(np.float32(0.7)), granularity="sample")
-    assert rel_err(out[1]["eps"], eps) <= SERVED_TOL and (out[1]["exit_layer"][:, 0] == layer).all()
-
-
-BAD_VALUES = {  # name -> (request change, tensor named, words of the rule)
-    "label out of range": ({"label": np.array([[11]], np.int64)}, "label", "outside 0..10"),
-    "negative label": ({"label": np.array([[-1]], np.int64)}, "label", "outside 0..10"),
-    "NaN in noise": ({"noise": np.full((1, 1, 8, 8), np.nan, np.float32)}, "noise", "NaN or Inf"),
-    "threshold above 1": ({"threshold": np.array([[1.5]], np.float32)}, "threshold", "outside [0, 1]"),
-    "negative threshold": ({"threshold": np.array([[-0.1]], np.float32)}, "threshold", "outside [0, 1]"),
-    "NaN threshold": ({"threshold": np.array([[np.nan]], np.float32)}, "threshold", "outside [0, 1]"),
-    "zero steps": ({"steps": np.array([[0]], np.int32)}, "steps", f"outside 1..{MAX_STEPS}"),
-    "too many steps": ({"steps": np.array([[MAX_STEPS + 1]], np.int32)}, "steps", f"outside 1..{MAX_STEPS}"),
-    "negative guidance": ({"guidance": np.array([[-1.0]], np.float32)}, "guidance", "finite number >= 0"),
-}
-BAD_STRUCTURE = {  # what Triton refuses before the model sees it; the handler refuses it too
-    "wrong shape": ({"noise": np.zeros((1, 1, 7, 8), np.float32)}, "noise", "shape"),
-    "wrong dtype": ({"noise": np.zeros((1, 1, 8, 8), np.float64)}, "noise", "float32"),
-    "batch above the limit": ({"noise": np.zeros((MAX_BATCH + 1, 1, 8, 8), np.float32),
-                               "label": np.zeros((MAX_BATCH + 1, 1), np.int64),
-                               "steps": np.full((MAX_BATCH + 1, 1), STEPS, np.int32)}, "noise", f"1..{MAX_BATCH}"),
-}
-
-
-@pytest.mark.parametrize("case", sorted({**BAD_VALUES, **BAD_STRUCTURE}))
-def test_parse_names_the_tensor_and_the_rule(case, facts):
-    change, tensor, words = {**BAD_VALUES, **BAD_STRUCTURE}[case]
-    with pytest.raises(RequestError) as e:
-        parse_sample({**sample_request(0, 3), **change}, facts)
-    assert e.value.tensor == tensor and words in str(e.value)
-
-
-# ----- the real server -----
 
 def _tritonclient():
     if importlib.util.find_spec("tritonclient") is None:
