@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-classes", type=int, default=10,
                    help="labels cycle through 0..N-1 (default 10; ignored for an unconditional model)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="unmeasured requests per mode before measuring (default: 2 x concurrency)")
+                   help="unmeasured requests per mode before measuring (default: the concurrency, one batch's worth)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure in this many alternating slices per mode, so both see the same background load")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (default 300)")

@@ -3,7 +3,7 @@
 `concurrency` clients each send one request (one sample) and send the next when the answer comes, until
 `requests` have been sent; the server's dynamic batcher turns what arrives together into batches. Request i
 carries the same noise (seeded by i) and label (i mod `num_classes`) in every mode, so the modes differ only in
-how samples exit: `full depth` sends threshold 0 (the uem policy at 0 runs every layer), `default` sends no
+how samples exit: `full depth` sends threshold 0 (every layer, which the server runs as one graph), `default` sends no
 threshold (the engines' default policy). Each (concurrency, mode) cell is warmed up first (`warmup` requests,
 not counted: the first batches of each size compile OpenVINO graphs) and, with `rounds` > 1, measured in
 alternating slices so that both modes see the same background load.
@@ -36,7 +36,7 @@ class Workload:
     steps: Optional[int] = None        # None: the server's default (50)
     num_classes: int = 10
     seed: int = 0
-    warmup: Optional[int] = None       # None: 2 x concurrency
+    warmup: Optional[int] = None       # None: one batch's worth (the concurrency)
     rounds: int = 1
     timeout: float = 300.0
     protocol: str = ""
@@ -148,7 +148,10 @@ def run(w: Workload, concurrencies: Sequence[int], progress: bool = True,
     for c in concurrencies:
         if c < 1:
             raise ValueError(f"--concurrency must be >= 1, got {c}")
-        warmup = 2 * c if w.warmup is None else w.warmup
+        if w.requests // w.rounds < c:  # a slice smaller than the concurrency would measure a lower one
+            raise ValueError(f"--requests / --rounds = {w.requests // w.rounds} is below --concurrency {c}: "
+                             "each measured slice needs at least one request per client")
+        warmup = c if w.warmup is None else w.warmup
         by_mode = {mode: Cell(mode, c) for mode in MODES}
         total = len(MODES) * (warmup + w.requests)
         with tqdm(total=total, desc=f"concurrency {c}", unit="req", disable=not progress, leave=False) as bar:
