@@ -10,7 +10,7 @@ export LANG=C.UTF-8 PYTHONIOENCODING=utf-8
 bash scripts/setup.sh
 
 # Run from a folder outside the checkout's build dirs so `import adadiff_rt` finds the installed module.
-ADADIFF_RT_REQUIRED=1 python -m pytest -q tests
+ADADIFF_RT_REQUIRED=1 python -m pytest -q -rs tests
 
 # The C++ user's path (about a minute): the library installed alone, examples/cpp built against it
 # with find_package(adadiff_rt) and run on the tiny engines folder the runtime tests built (found in
