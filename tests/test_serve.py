@@ -35,6 +35,9 @@ from serve_requests import BAD_STRUCTURE, BAD_VALUES, SERVED_TOL, STEPS, assert_
 adadiff_rt = import_runtime(need_openvino=True)
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("ADADIFF_RT_REQUIRED") == "1"
+# SIGTERM's drain: far above what the SIGTERM test's requests take on an idle machine (seconds), so that a busy
+# one (a shared CI runner) does not cut them off; the test waits only as long as they really take.
+DRAIN_SECONDS = 600
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def server(engines, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "adadiff_export", "serve", str(engines), "--address", "127.0.0.1",
            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-           "--max-queue-delay-us", "50000", "--threads", "1"]
+           "--max-queue-delay-us", "50000", "--threads", "1", "--drain-seconds", str(DRAIN_SECONDS)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     s = Server(proc, ports, log)
@@ -260,14 +263,14 @@ def test_sigterm_answers_every_request_in_flight_then_exits(server):
     time.sleep(1.0)  # sent and batched: 1000 steps of 6 guided samples take several seconds more
     term_at = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    client.join(120)
+    client.join(DRAIN_SECONDS)
     assert len(done) == len(requests)
     for i, (out, at) in done.items():
         assert not isinstance(out, Exception), f"request {i} was lost at SIGTERM: {out}\n{server.log_tail()}"
         assert out["image"].shape == (1, 1, 8, 8) and np.isfinite(out["image"]).all()
     assert max(at for _, at in done.values()) > term_at  # some were still running when SIGTERM came
-    assert server.proc.wait(90) == 0, server.log_tail()
-    deadline = time.monotonic() + 20  # tritonserver, its backend stubs and their helpers end too
+    assert server.proc.wait(DRAIN_SECONDS) == 0, server.log_tail()
+    deadline = time.monotonic() + 120  # tritonserver, its backend stubs and their helpers end too
     while _group_alive(server.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(server.proc.pid), subprocess.run(["ps", "-g", str(server.proc.pid), "-o", "pid,cmd"],

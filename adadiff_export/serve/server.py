@@ -9,10 +9,13 @@ Per-request errors: PyTriton answers an exception raised by an inference callabl
 request of the batch, so one bad request would fail the good ones Triton batched with it. The proxy model that
 PyTriton loads into the backend stub is patched (`_install_request_errors`, checked against the pinned
 nvidia-pytriton at start) so that a response holding `ERROR_OUTPUT` becomes that request's own error response
-(HTTP 400, gRPC INVALID_ARGUMENT), and the rest of the batch is answered normally.
+(HTTP 400, gRPC INVALID_ARGUMENT), and the rest of the batch is answered normally. PyTriton's own wait for
+tritonserver to stop (30 s, then a kill) is lengthened to the drain time (`_allow_drain`).
 
 Shutdown: SIGTERM or SIGINT stops Triton, which refuses new requests, finishes those in flight (queued ones
-included, up to `DRAIN_SECONDS`), unloads the models and exits; then the handler threads stop and `serve` returns.
+included, up to `ServeOptions.drain_seconds`), unloads the models and exits; then the handler threads stop and
+`serve` returns. A request still running when that time is up is lost (Triton exits anyway), so the drain time
+must exceed the longest request the server may be running (a 1000-step batch of max_batch samples at worst).
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ from .protocol import DENOISE_MODEL, SAMPLE_MODEL, ModelFacts, RequestError, den
     sample_inputs, sample_outputs
 
 PYTRITON_VERSION = "0.7.0"   # pinned in pyproject.toml's `serve` extra; the request-error patch is checked against it
-DRAIN_SECONDS = 30           # Triton's exit timeout: how long in-flight requests may take to finish on SIGTERM
 ERROR_OUTPUT = "__adadiff_request_error__"
 _WRAP = "def _wrap_response(response: Response, requested_outputs_names, model_outputs_dict):\n"
 _WRAP_WITH_ERRORS = _WRAP + (
@@ -60,6 +62,7 @@ class ServeOptions:
     instances: int = 1
     max_queue_delay_us: int = 2000
     threads: int = 0                 # OpenVINO threads per instance; 0 = the CPU count divided among the instances
+    drain_seconds: int = 30          # Triton's exit timeout: how long in-flight requests may take to finish on SIGTERM
 
     def check(self) -> None:
         if not (Path(self.engines) / "manifest.json").is_file():
@@ -75,6 +78,8 @@ class ServeOptions:
             raise ServeError(f"--instances must be >= 1, got {self.instances}")
         if self.max_queue_delay_us < 0:
             raise ServeError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
+        if self.drain_seconds < 1:
+            raise ServeError(f"--drain-seconds must be >= 1, got {self.drain_seconds}")
         if self.threads < 0:
             raise ServeError(f"--threads must be >= 0, got {self.threads}")
 
@@ -129,6 +134,18 @@ def _install_request_errors() -> None:
     pytriton_model.Model.get_proxy_model_files = get_proxy_model_files
 
 
+def _allow_drain(seconds: int) -> None:
+    """PyTriton's stop() waits a fixed 30 s for tritonserver to exit after SIGINT, then kills it, whatever Triton's
+    own exit timeout says; a longer drain would be cut off there (requests in flight lost). Wait the drain time
+    plus a margin for unloading (the module constant is read at each stop(); checked with the pinned 0.7.0)."""
+    from pytriton.server import triton_server
+
+    if not hasattr(triton_server, "SERVER_OUTPUT_TIMEOUT_SECS"):
+        raise ServeError(f"nvidia-pytriton has no SERVER_OUTPUT_TIMEOUT_SECS to lengthen the drain with; install "
+                         f"nvidia-pytriton=={PYTRITON_VERSION} (`pip install '.[serve]'`)")
+    triton_server.SERVER_OUTPUT_TIMEOUT_SECS = max(triton_server.SERVER_OUTPUT_TIMEOUT_SECS, seconds + 30)
+
+
 def _tensors(specs) -> List:
     from pytriton.model_config import Tensor
 
@@ -144,6 +161,7 @@ def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=
     from pytriton.triton import Triton, TritonConfig
 
     _install_request_errors()
+    _allow_drain(o.drain_seconds)
     stop = threading.Event()
     received = []
 
@@ -162,7 +180,7 @@ def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=
             f"{d['policy']} (a request's threshold applies the uem policy); {o.instances} instance(s), "
             f"{threads} OpenVINO thread(s) each")
         config = TritonConfig(http_address=o.address, http_port=o.http_port, grpc_address=o.address,
-                              grpc_port=o.grpc_port, metrics_port=o.metrics_port, exit_timeout_secs=DRAIN_SECONDS)
+                              grpc_port=o.grpc_port, metrics_port=o.metrics_port, exit_timeout_secs=o.drain_seconds)
         triton = Triton(config=config)
         batching = ModelConfig(max_batch_size=facts.max_batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=o.max_queue_delay_us))
@@ -181,7 +199,7 @@ def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=
                 if not triton.is_alive():
                     raise ServeError("Triton Inference Server stopped on its own (its log above says why)")
             log(f"{received[0] if received else 'stop'}: refusing new requests, finishing those in flight "
-                f"(up to {DRAIN_SECONDS} s)")
+                f"(up to {o.drain_seconds} s)")
         finally:
             triton.stop()
         log("stopped")
