@@ -22,6 +22,9 @@ PACKAGE = ROOT / "adadiff_export"
 # Imported by the package but not dependencies: the package itself, its compiled module, and TensorRT, which
 # only a GPU machine has (export/tensorrt_build.py imports it where present).
 NOT_DEPENDENCIES = {"adadiff_export", "adadiff_rt", "tensorrt"}
+# Imported only by adadiff_export/serve/ (imported lazily, in the serving venv): module -> its distribution in the
+# `serve` extra, which `pip install '.[serve]'` brings (scripts/setup.sh installs it into the serving venv).
+SERVE_ONLY = {"pytriton": "nvidia-pytriton", "tritonclient": "tritonclient"}
 
 
 def _pyproject() -> dict:
@@ -39,9 +42,9 @@ def _pin(requirements, name: str) -> str:
     return pins[0].split("==", 1)[1].strip()
 
 
-def _imported_top_level_modules() -> set:
+def _imported_top_level_modules(paths=None) -> set:
     found = set()
-    for path in PACKAGE.rglob("*.py"):
+    for path in paths or PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 found |= {alias.name.split(".")[0] for alias in node.names}
@@ -67,7 +70,7 @@ def test_every_imported_distribution_is_declared_and_torch_is_not():
     assert "torch" not in declared, "declaring torch lets pip replace a user's CUDA torch"
     by_module = importlib.metadata.packages_distributions()
     missing = {}
-    for module in _imported_top_level_modules():
+    for module in _imported_top_level_modules() - set(SERVE_ONLY):
         dists = {d.lower().replace("_", "-") for d in by_module.get(module, [module])}
         if module != "torch" and not dists & declared:
             missing[module] = sorted(dists)
@@ -84,3 +87,14 @@ def test_the_wheel_holds_every_subpackage_and_the_shipped_weights():
     patterns = cfg["package-data"]["adadiff_export"]
     shipped = {p.name for pattern in patterns for p in PACKAGE.glob(pattern)}
     assert {"fashion_small.pt", "fashion_classifier.pt"} <= shipped
+
+
+def test_serving_imports_stay_in_serve_and_are_in_the_serve_extra():
+    outside = [p for p in PACKAGE.rglob("*.py") if "serve" not in p.relative_to(PACKAGE).parts[:1]]
+    assert not _imported_top_level_modules(outside) & set(SERVE_ONLY), "only adadiff_export/serve/ may import them"
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert set(SERVE_ONLY.values()) <= {_name(r) for r in extras["serve"]}
+    from adadiff_export.serve.server import PYTRITON_VERSION
+
+    assert _pin(extras["serve"], "nvidia-pytriton") == PYTRITON_VERSION  # whose proxy model serve/server.py patches
+    assert "tritonclient" in {_name(r) for r in extras["test"]}  # tests/test_serve.py is its client

@@ -10,12 +10,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import (bench, build, calibrate, classifier, convert, demo, evaluate, profile, register_plans, sample, tradeoff,
-               train, verify)
+from . import (bench, build, calibrate, classifier, convert, demo, evaluate, loadtest, profile, register_plans, sample,
+               serve, tradeoff, train, verify)
 
 # Every command, in the order `--help` lists them; each module has `add_parser(sub)`.
 COMMANDS = (train, classifier, sample, evaluate, convert, build, verify, register_plans, profile, calibrate, tradeoff,
-            bench, demo)
+            bench, demo, serve, loadtest)
 
 # What a user can fix besides our own UserError subclasses: bad values, and files that are missing, in the way
 # or not writable.
