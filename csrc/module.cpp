@@ -747,15 +747,15 @@ thresholds} as in the manifest. Every argument left None takes the manifest's ex
            py::arg("sampler") = "dpm++", py::arg("steps") = py::none(), py::arg("guidance") = py::none(),
            py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
-           py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = false, py::arg("stream") = py::none(),
+           py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = true, py::arg("stream") = py::none(),
            R"doc(The whole sampling loop in C++ (mirrors adadiff_export.sampling.samplers).
 
 Arrays and stream as for denoise; layers_used is a host array (numpy, or torch for torch inputs).
 
 sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
 default (classifier-free guidance, one batched call: cond half first, then the null class);
-the exit arguments as for denoise (None: the manifest's defaults); final_x0: the last step returns
-its x0 prediction instead of stepping to t_eps.
+the exit arguments as for denoise (None: the manifest's defaults); final_x0 (default): the last step returns
+its x0 prediction instead of stepping to t_eps (False: x at t_eps, the paper's samplers).
 Returns (images float32 [B,C,H,W] in [-1, 1], layers_used int64 [steps, B_eff]), B_eff = 2B
 under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's own RNG (seed).)doc")
       .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),

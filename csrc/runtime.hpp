@@ -31,7 +31,7 @@ struct SampleOptions {
   std::optional<double> guidance;  // none: the manifest's default
   double eta = 0.0;
   uint64_t seed = 0;
-  bool final_x0 = false;  // the last step returns x0 = (x - sigma eps) / alpha (samplers.py's final_x0)
+  bool final_x0 = true;  // the last step returns x0 = (x - sigma eps) / alpha (samplers.py's final_x0)
   DenoiseOptions exit;
 };
 

@@ -169,3 +169,31 @@ def test_sample_command_runs_the_authors_file_on_both_backends_alike(built, caps
     assert main(["sample", str(root / "nnet_ema.pth"), "--guidance", "2", "--n", "2", "--steps", "1",
                  "--out", str(tmp_path / "g.png")]) == 2
     assert "unconditional" in capsys.readouterr().err
+
+
+def test_uvit_without_certainty_modules_at_depth_13_builds_verifies_and_samples_as_the_oracle(tmp_path, capsys):
+    """The original U-ViT release's layout (no certainty modules, 13 blocks, classes without a null row): `build`
+    takes the .pth directly (fresh UEMs, said so), `verify` passes, and adadiff_rt samples as the oracle at full
+    depth and with a static exit."""
+    src = tmp_path / "uvit.pth"
+    torch.save(authors_state_dict(img=8, chans=3, patch=2, width=64, k=6, rows=3, lte=False, seed=9), src)
+    log = []
+    build_engines(src, tmp_path / "eng", max_batch=4, tensorrt="off", log=log.append)
+    assert any("U-ViT" in line for line in log) and any("fresh" in line.lower() for line in log), log
+    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    assert manifest["model"]["depth"] == 13 and manifest["model"]["token_order"] == "label_first"
+    assert main(["verify", str(tmp_path / "eng")]) == 0
+    assert "OK" in capsys.readouterr().out
+    model = ckpt.load(src).model
+    c = model.config
+    rt = adadiff_rt.Runtime(str(tmp_path / "eng"), threads=1)
+    noise = torch.randn(3, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 2, 1])
+    schedule = ckpt.load(src).schedule
+    for kw in (dict(policy="uem", threshold=0.0), dict(policy="static", static_layer=6)):
+        images, used = rt.sample(noise.numpy(), y.numpy(), sampler="dpm++", steps=4, guidance=1.0, **kw)
+        den = EarlyExitDenoiser(model, ExitPolicy(kw["policy"], threshold=kw.get("threshold", 0.0),
+                                                  layer=kw.get("static_layer", 0)))
+        ref = py_sample("dpm++", den, noise.clone(), schedule, 4, y=y)
+        np.testing.assert_array_equal(used, den.layers_by_step().numpy())
+        assert rel_err(images, ref.numpy()) <= TOL, kw

@@ -119,9 +119,12 @@ def test_final_x0_matches_python_samplers(rt, model):
         ref = py_sample(sampler, guided(den, 2.0, model.config.num_classes), noise.clone(), VPSchedule(), 5, y=y,
                         final_x0=True)
         plain, _ = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=5, guidance=2.0, policy="static",
-                             static_layer=0)
+                             static_layer=0, final_x0=False)
+        default, _ = rt.sample(noise.numpy(), y.numpy(), sampler=sampler, steps=5, guidance=2.0, policy="static",
+                               static_layer=0)
         assert rel_err(images, ref.numpy()) <= TOL
         assert rel_err(images, plain) > 1e-4  # the last step changed something
+        assert rel_err(default, ref.numpy()) <= TOL  # final_x0 is the default, as in the Python samplers
 
 
 @pytest.mark.parametrize("table,message", [

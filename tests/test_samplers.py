@@ -54,14 +54,17 @@ def test_schedule_lambda_inverse():
 def test_single_point_data_lands_on_the_exact_ode_solution(name):
     # With the exact eps of one-point data, the x0 prediction is x0 at every step, and both
     # deterministic samplers integrate the probability-flow ODE exactly: the output is
-    # alpha(t_eps) x0 + sigma(t_eps) eps_1, with eps_1 the noise direction at t = 1.
+    # alpha(t_eps) x0 + sigma(t_eps) eps_1, with eps_1 the noise direction at t = 1 (final_x0=False);
+    # by default the last step returns its x0 prediction, which is x0 itself.
     x0 = torch.tensor([0.5, -0.25, 0.0, 0.75]).view(1, 1, 2, 2).double()
     noise = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = sample(name, point_eps(x0), noise.clone(), SCHEDULE, STEPS[name])
+    out = sample(name, point_eps(x0), noise.clone(), SCHEDULE, STEPS[name], final_x0=False)
     eps1 = (noise - SCHEDULE.alpha(1.0) * x0) / SCHEDULE.sigma(1.0)
     exact = SCHEDULE.alpha(SCHEDULE.t_eps) * x0 + SCHEDULE.sigma(SCHEDULE.t_eps) * eps1
     assert (out - exact).abs().max() < 1e-9, name
     assert (out - x0).abs().max() < 5 * SCHEDULE.sigma(SCHEDULE.t_eps)
+    default = sample(name, point_eps(x0), noise.clone(), SCHEDULE, STEPS[name])
+    assert (default - x0.expand_as(default)).abs().max() < 1e-9, name
 
 
 @pytest.mark.parametrize("name,kw", [("euler", {}), ("ddim", {"eta": 1.0})])
@@ -123,5 +126,8 @@ def test_final_x0_returns_the_last_steps_data_prediction(name):
     x0 = (xl - schedule.sigma(tl) * eps) / schedule.alpha(tl)
     torch.testing.assert_close(out, x0.clamp(-1, 1))
     torch.testing.assert_close(out, torch.full_like(out, 0.2), atol=1e-4, rtol=0)
-    plain = SAMPLERS[name](denoiser, x.clone(), schedule, 6, generator=torch.Generator().manual_seed(1))
+    plain = SAMPLERS[name](denoiser, x.clone(), schedule, 6, generator=torch.Generator().manual_seed(1),
+                           final_x0=False)
     assert not torch.allclose(out, plain)
+    default = SAMPLERS[name](denoiser, x.clone(), schedule, 6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(default, out, atol=0, rtol=0)  # final_x0 is the default

@@ -249,7 +249,10 @@ def test_loadtest_reports_both_policies_without_errors(server):
 
 def test_sigterm_answers_every_request_in_flight_then_exits(server):
     """Last: stops the module's server."""
-    requests = [sample_request(80 + i, i, steps=MAX_STEPS) for i in range(6)]
+    # Six full-depth requests of max_batch rows each: the dynamic batcher cannot merge them, so they run one
+    # after another, several seconds in all. Six single-row requests were one batch that finished within
+    # the second below on a quiet machine, and the test then saw nothing in flight.
+    requests = [sample_request(80 + i, i, batch=MAX_BATCH, steps=MAX_STEPS, threshold=0.0) for i in range(6)]
     done = {}
     released = threading.Event()
 
@@ -260,14 +263,14 @@ def test_sigterm_answers_every_request_in_flight_then_exits(server):
     client = threading.Thread(target=run)
     client.start()
     assert released.wait(60)
-    time.sleep(1.0)  # sent and batched: 1000 steps of 6 guided samples take several seconds more
+    time.sleep(1.0)  # sent and queued: the first batch is running, the others wait their turn
     term_at = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     client.join(DRAIN_SECONDS)
     assert len(done) == len(requests)
     for i, (out, at) in done.items():
         assert not isinstance(out, Exception), f"request {i} was lost at SIGTERM: {out}\n{server.log_tail()}"
-        assert out["image"].shape == (1, 1, 8, 8) and np.isfinite(out["image"]).all()
+        assert out["image"].shape == (MAX_BATCH, 1, 8, 8) and np.isfinite(out["image"]).all()
     assert max(at for _, at in done.values()) > term_at  # some were still running when SIGTERM came
     assert server.proc.wait(DRAIN_SECONDS) == 0, server.log_tail()
     deadline = time.monotonic() + 120  # tritonserver, its backend stubs and their helpers end too

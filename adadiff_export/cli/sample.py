@@ -38,9 +38,10 @@ def add_exit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", type=Path, default=None,
                    help="schedule / uem-time: a JSON file holding the table (as in the manifest's exit.schedule or "
                         "exit.uem_time); default: the one the checkpoint stores")
-    p.add_argument("--final-x0", action="store_true",
+    p.add_argument("--final-x0", action=argparse.BooleanOptionalAction, default=True,
                    help="the last sampler step returns its x0 prediction instead of stepping to t_eps (removes the "
-                        "~1%% noise left there; what k-diffusion and DPM-Solver do)")
+                        "~1%% noise left there, as k-diffusion and DPM-Solver do; 3-6%% lower FD on 1,000 samples). "
+                        "--no-final-x0: stop at t_eps and return x there, as the paper's samplers do")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (and of stochastic samplers)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
 

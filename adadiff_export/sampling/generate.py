@@ -90,7 +90,7 @@ def _counting(denoiser: Denoiser, tick: Callable[[], None]) -> Denoiser:
 def generate(loaded: Loaded, n: int, policy: ExitPolicy = FULL_DEPTH, sampler: str = "dpm++",
              steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
              batch_size: int = 100, progress: bool = True, desc: str = "sample",
-             final_x0: bool = False) -> GenerationResult:
+             final_x0: bool = True) -> GenerationResult:
     """Sample `n` images (labels i % classes) with the reference early exit, in batches of `batch_size`.
 
     Guidance defaults to the checkpoint's; full depth is `FULL_DEPTH` (or a uem threshold of 0);
@@ -135,7 +135,7 @@ def _import_rt():
 def generate_rt(engines: Path, loaded_shape: Tuple[int, int, int], num_classes: int, n: int,
                 policy: ExitPolicy, sampler: str = "dpm++", steps: Optional[int] = None,
                 guidance: float = ExitDefaults.guidance, seed: int = 0, progress: bool = True,
-                final_x0: bool = False, batch_size: Optional[int] = None) -> GenerationResult:
+                final_x0: bool = True, batch_size: Optional[int] = None) -> GenerationResult:
     """The same job on the C++ runtime (adadiff_rt, OpenVINO on CPU), in chunks of `batch_size` samples
     (default and at most: what the engines' max_batch holds, half of it under guidance).
 
@@ -216,7 +216,7 @@ def measure(clf: LoadedClassifier, result: GenerationResult, policy: ExitPolicy,
 
 def evaluate(loaded: Loaded, clf: LoadedClassifier, n: int, policies: Sequence[ExitPolicy], sampler: str = "dpm++",
              steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100,
-             progress: bool = True, final_x0: bool = False,
+             progress: bool = True, final_x0: bool = True,
              accuracy: bool = True) -> Tuple[EvalPoint, List[EvalPoint]]:
     """Full depth, then each policy, all on the same noise and labels (`accuracy`: measure class accuracy)."""
     kw = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress,

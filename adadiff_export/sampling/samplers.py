@@ -1,10 +1,11 @@
 """Samplers as plain functions over a denoiser `(x, t[B], y) -> eps` on the VP SDE.
 
 All run on a decreasing time grid from 1 to `schedule.t_eps` and return images clipped to
-[-1, 1]. With `final_x0` the last step returns that step's data prediction
+[-1, 1]. With `final_x0` (the default) the last step returns that step's data prediction
 x0 = (x - sigma_t eps) / alpha_t instead of stepping to t_eps (k-diffusion's last step to
 sigma 0, DPM-Solver's denoise_to_zero without the extra evaluation): the ~1% noise left at
-t_eps is removed. Classifier-free guidance wraps a denoiser
+t_eps is removed, which lowered FD by 3-6% on 1,000 samples of the shipped checkpoint at every
+exit setting measured. `final_x0=False` stops at t_eps, as the paper's samplers do. Classifier-free guidance wraps a denoiser
 (`guided`), so every sampler has it.
 """
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _tvec(t: float, x: Tensor) -> Tensor:
 
 def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 100,
                 y: Optional[Tensor] = None, eta: float = 0.0,
-                generator: Noise = None, final_x0: bool = False) -> Tensor:
+                generator: Noise = None, final_x0: bool = True) -> Tensor:
     """DDIM (Song et al. 2021); eta = 0 is deterministic, eta = 1 is DDPM-like."""
     ts = time_grid(schedule, steps).tolist()
     for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
@@ -132,7 +133,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int 
 
 def sample_dpm_solver_pp(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 50,
                          y: Optional[Tensor] = None, generator: Noise = None,
-                         final_x0: bool = False) -> Tensor:
+                         final_x0: bool = True) -> Tensor:
     """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022); first step is first order."""
     ts = time_grid(schedule, steps).tolist()
     x0_prev: Optional[Tensor] = None
@@ -156,7 +157,7 @@ def sample_dpm_solver_pp(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, st
 
 def sample_euler_maruyama(denoiser: Denoiser, x: Tensor, schedule: VPSchedule, steps: int = 1000,
                           y: Optional[Tensor] = None,
-                          generator: Noise = None, final_x0: bool = False) -> Tensor:
+                          generator: Noise = None, final_x0: bool = True) -> Tensor:
     """Euler-Maruyama on the reverse VP SDE (the paper's 1000-step setting); no noise on the last step."""
     ts = time_grid(schedule, steps, "uniform").tolist()
     for n, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
