@@ -48,6 +48,13 @@ def test_tradeoff_fits_measures_and_writes_every_policy(tiny_checkpoint, classif
     assert abs(sched["mean_layers"] - budget) <= 1.0  # the evaluation set meets the fitted budget within a layer
     assert (tmp_path / "out" / "tradeoff_layers.png").stat().st_size > 1000
     assert "| budget | policy |" in out and "not Inception FID" in out
+    assert rec["final_x0"] is True and "returning its x0 prediction" in out
+    from adadiff_export.bench.tradeoff import load as load_result
+
+    old = dict(rec)
+    del old["final_x0"]  # a result written before final_x0 existed was measured at t_eps
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert load_result(tmp_path / "old.json").final_x0 is False
     if timed:
         assert all(r["rt_ms"] > 0 for r in rec["rows"])
         assert (tmp_path / "out" / "tradeoff_time.png").exists()
@@ -76,6 +83,7 @@ def test_calibrate_checkpoint_from_the_command_line(tiny_checkpoint, tmp_path, c
     d = exit_defaults(load(out))
     assert d.schedule is not None and d.policy == "uem"  # --default overrides the lowest J
     assert load(out).raw["provenance"]["calibration"]["default"] == "uem"
+    assert load(out).raw["provenance"]["calibration"]["final_x0"] is True
     rc = main(["sample", str(out), "--n", "2", "--steps", "3", "--out", str(tmp_path / "g.png"), "--json"])
     assert rc == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -91,3 +99,24 @@ def test_calibrate_checkpoint_from_the_command_line(tiny_checkpoint, tmp_path, c
 def test_calibrate_refuses_bad_flags_before_work(tiny_checkpoint, capsys, argv, message):
     assert main(["calibrate", str(tiny_checkpoint), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("final_x0", [True, False])
+def test_calibration_runs_end_as_asked(tiny_checkpoint, final_x0):
+    """Calibration samples end as the sampler will (final_x0 by default): a full-depth calibration run is the plain
+    sampler's run with the same last step."""
+    from adadiff_export.calibration.runs import CalibrationSet, StepRunner
+    from adadiff_export.model.checkpoint import load
+    from adadiff_export.sampling.samplers import guided, sample
+
+    loaded = load(tiny_checkpoint)
+    m = loaded.model
+    cset = CalibrationSet.draw(loaded, 3, 2.0, steps=4, final_x0=final_x0)
+    run = StepRunner(loaded, cset).run([m.depth] * 4)
+    with torch.no_grad():
+        ref = sample("dpm++", guided(lambda x, t, y: m(x, t, y), 2.0, m.config.num_classes), cset.noise.clone(),
+                     loaded.schedule, 4, y=cset.labels, final_x0=final_x0)
+        other = sample("dpm++", guided(lambda x, t, y: m(x, t, y), 2.0, m.config.num_classes), cset.noise.clone(),
+                       loaded.schedule, 4, y=cset.labels, final_x0=not final_x0)
+    torch.testing.assert_close(run.images, ref, rtol=1e-5, atol=1e-5)
+    assert (run.images - other).abs().max() > 1e-3

@@ -50,6 +50,7 @@ class TradeoffResult:
     n: int
     time_batch: int
     calibration: str
+    final_x0: bool = True  # the samplers' last step, in calibration, evaluation and timing alike
 
 
 def budgets_of(depth: int, saved: Sequence[float]) -> List[float]:
@@ -87,24 +88,25 @@ def _params(p: ExitPolicy) -> Dict[str, object]:
 
 def run_tradeoff(loaded: Loaded, engines: Optional[Path], clf: LoadedClassifier, saved: Sequence[float] = DEFAULT_SAVED,
                  n: int = 1000, cal_samples: int = DEFAULT_SAMPLES, time_batch: int = 8, repeats: int = 3,
-                 threads: int = 0, log: Callable[[str], None] = print) -> TradeoffResult:
+                 threads: int = 0, final_x0: bool = True, log: Callable[[str], None] = print) -> TradeoffResult:
     """Fit, evaluate and time every policy at every budget (see the module docstring)."""
     depth = loaded.model.depth
     budgets = budgets_of(depth, saved)
     guidance = exit_defaults(loaded).guidance
     report = calibrate_exits(loaded, budgets, samples=cal_samples, guidance=guidance,
-                             policies=FITTABLE, progress=log)
+                             policies=FITTABLE, final_x0=final_x0, progress=log)
     log(format_report(report, depth))
     fitted = [(b.budget, f.policy) for b in report.budgets for f in b.fits.values()]
     statics = [ExitPolicy("static", layer=k) for k in static_layers_around(budgets, depth)]
     policies = statics + [p for _, p in fitted]
-    full, points = evaluate(loaded, clf, n, policies, guidance=guidance)
+    full, points = evaluate(loaded, clf, n, policies, guidance=guidance, final_x0=final_x0)
     budget_of = {id(p): b for b, p in fitted}
     rows = [_row(full, None)] + [_row(pt, budget_of.get(id(pt.policy))) for pt in points]
     if engines is not None:
-        _time_rows(rows, [FULL_DEPTH] + policies, loaded, engines, guidance, time_batch, repeats, threads)
+        _time_rows(rows, [FULL_DEPTH] + policies, loaded, engines, guidance, time_batch, repeats, threads, final_x0)
     return TradeoffResult(rows, machine(), n, time_batch, f"{report.samples} held-out samples (seed 1), "
-                                                          f"{report.runs} sampling runs, J in {report.features}")
+                                                          f"{report.runs} sampling runs, J in {report.features}",
+                          final_x0)
 
 
 def policy_of(row: TradeoffRow) -> ExitPolicy:
@@ -124,7 +126,9 @@ def load(path: Path) -> TradeoffResult:
     """A result written by `write` (tradeoff.json)."""
     d = json.loads(Path(path).read_text())
     rows = [TradeoffRow(**{**r, "rt_ms": float("nan") if r.get("rt_ms") is None else r["rt_ms"]}) for r in d["rows"]]
-    return TradeoffResult(rows, d["machine"], int(d["n"]), int(d["time_batch"]), str(d["calibration"]))
+    # Results written before the samplers' final_x0 existed were measured at t_eps.
+    return TradeoffResult(rows, d["machine"], int(d["n"]), int(d["time_batch"]), str(d["calibration"]),
+                          bool(d.get("final_x0", False)))
 
 
 def retime(res: TradeoffResult, loaded: Loaded, engines: Path, time_batch: int, repeats: int, threads: int) -> None:
@@ -132,7 +136,7 @@ def retime(res: TradeoffResult, loaded: Loaded, engines: Path, time_batch: int, 
     res.time_batch = time_batch
     res.machine = machine()
     _time_rows(res.rows, [policy_of(r) for r in res.rows], loaded, engines, exit_defaults(loaded).guidance,
-               time_batch, repeats, threads)
+               time_batch, repeats, threads, res.final_x0)
 
 
 def _row(p: EvalPoint, budget: Optional[float]) -> TradeoffRow:
@@ -141,7 +145,7 @@ def _row(p: EvalPoint, budget: Optional[float]) -> TradeoffRow:
 
 
 def _time_rows(rows: List[TradeoffRow], policies: Sequence[ExitPolicy], loaded: Loaded, engines: Path,
-               guidance: float, batch: int, repeats: int, threads: int) -> None:
+               guidance: float, batch: int, repeats: int, threads: int, final_x0: bool) -> None:
     """Median wall time of one 50-step adadiff_rt run per row, all rows round-robin in one process."""
     import adadiff_rt
 
@@ -152,7 +156,7 @@ def _time_rows(rows: List[TradeoffRow], policies: Sequence[ExitPolicy], loaded: 
 
     def call(p: ExitPolicy) -> Callable[[], object]:
         return lambda: runtime.sample(noise.numpy(), y, sampler="dpm++", steps=50, guidance=guidance,
-                                      **p.runtime_kwargs())
+                                      final_x0=final_x0, **p.runtime_kwargs())
 
     calls = [call(p) for p in policies]
     for fn in calls:  # warm-up: compiles, and promotes the batch sizes to their static compilations
@@ -167,7 +171,9 @@ def markdown(res: TradeoffResult, depth: int, command: str) -> str:
     """The table: one block per budget, full depth and interpolated static exit for reference."""
     full = next(r for r in res.rows if r.kind == "full")
     lines = [f"Machine: {machine_line(res.machine)}. Command: `{command}`.",
-             f"Evaluation: {res.n} samples (seed 0), DPM-Solver++ 50 steps; calibration: {res.calibration}. "
+             f"Evaluation: {res.n} samples (seed 0), DPM-Solver++ 50 steps, "
+             f"{'the last step returning its x0 prediction' if res.final_x0 else 'stopping at t_eps'}; "
+             f"calibration: {res.calibration}. "
              f"{FD_NOTE}. Time: one 50-step adadiff_rt run of {res.time_batch} images (OpenVINO f32), median, all "
              "rows timed round-robin in one process.", "",
              "| budget | policy | mean layers | saved | class accuracy | FD | FD vs static at these layers | "
@@ -228,5 +234,6 @@ def write(res: TradeoffResult, out: Path, depth: int, command: str) -> List[Path
     (out / "tradeoff.md").write_text(markdown(res, depth, command) + "\n")
     rows = [{**asdict(r), "rt_ms": r.rt_ms if np.isfinite(r.rt_ms) else None} for r in res.rows]
     (out / "tradeoff.json").write_text(json.dumps({"machine": res.machine, "n": res.n, "time_batch": res.time_batch,
-                                                   "calibration": res.calibration, "rows": rows}, indent=1))
+                                                   "calibration": res.calibration, "final_x0": res.final_x0,
+                                                   "rows": rows}, indent=1))
     return [out / "tradeoff.md", out / "tradeoff.json", *plot(res, out / "tradeoff_layers.png", out / "tradeoff_time.png")]

@@ -53,6 +53,7 @@ class CalibrationReport:
     samples: int
     features: str
     runs: int
+    final_x0: bool = True  # how the calibration runs ended (the samplers' last step)
 
     def defaults(self, base: ExitDefaults, budget: Optional[float] = None, default: Optional[str] = None) -> ExitDefaults:
         """`base` with the fitted tables of `budget` (default: the first) and a default policy: `default` if given
@@ -70,7 +71,7 @@ class CalibrationReport:
 
 def calibrate_exits(loaded: Loaded, budgets: Sequence[float], samples: int = DEFAULT_SAMPLES,
                     guidance: float = 2.0, sampler: str = "dpm++", steps: int = 50, bins: int = DEFAULT_BINS,
-                    policies: Sequence[str] = ("schedule", "uem-time", "uem"),
+                    policies: Sequence[str] = ("schedule", "uem-time", "uem"), final_x0: bool = True,
                     progress: Callable[[str], None] = lambda s: None) -> CalibrationReport:
     """Fit every requested policy to every budget (mean exit layers per step) on `samples` held-out samples."""
     depth = loaded.model.depth
@@ -80,7 +81,7 @@ def calibrate_exits(loaded: Loaded, budgets: Sequence[float], samples: int = DEF
     if samples < 2:
         raise ValueError(f"calibration needs at least 2 samples, got {samples}")
     c = loaded.model.config
-    cset = CalibrationSet.draw(loaded, samples, guidance, sampler, steps)
+    cset = CalibrationSet.draw(loaded, samples, guidance, sampler, steps, final_x0=final_x0)
     runner = StepRunner(loaded, cset)
     feats, feats_name = feature_fn(c.img_size, c.in_chans)
     searcher = Searcher(runner, feats, progress)
@@ -99,7 +100,7 @@ def calibrate_exits(loaded: Loaded, budgets: Sequence[float], samples: int = DEF
             if kind in policies:
                 fit.fits[kind] = _fit_threshold(searcher, matcher, kind, budget, progress)
         out.append(fit)
-    return CalibrationReport(out, samples, feats_name, runner.runs + matcher.runs)
+    return CalibrationReport(out, samples, feats_name, runner.runs + matcher.runs, final_x0)
 
 
 def _schedule_layers(fit: ScheduleFit) -> float:

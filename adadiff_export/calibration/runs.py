@@ -30,13 +30,14 @@ class CalibrationSet:
     guidance: float
     sampler: str = "dpm++"
     steps: int = 50
+    final_x0: bool = True  # the samplers' last step (samplers.py); calibrate as the policies will be sampled
 
     @classmethod
     def draw(cls, loaded: Loaded, n: int, guidance: float, sampler: str = "dpm++", steps: int = 50,
-             seed: int = CALIBRATION_SEED) -> "CalibrationSet":
+             seed: int = CALIBRATION_SEED, final_x0: bool = True) -> "CalibrationSet":
         c = loaded.model.config
         noise, labels = noise_and_labels((c.in_chans, c.img_size, c.img_size), c.num_classes, n, seed)
-        return cls(noise, labels, guidance if labels is not None else 1.0, sampler, steps)
+        return cls(noise, labels, guidance if labels is not None else 1.0, sampler, steps, final_x0)
 
     def head(self, n: int) -> "CalibrationSet":
         """The first n samples (for cheap runs that need only a mean exit layer)."""
@@ -105,6 +106,6 @@ class StepRunner:
         c = model.config
         fn: Denoiser = denoise if self.cset.labels is None else guided(denoise, self.cset.guidance, c.num_classes)
         out.images = sample(self.cset.sampler, fn, self.cset.noise.clone(), self.loaded.schedule, self.cset.steps,
-                            y=self.cset.labels)
+                            y=self.cset.labels, final_x0=self.cset.final_x0)
         self.runs += 1
         return out

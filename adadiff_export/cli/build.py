@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .sample import add_final_x0_argument
+
 
 def add_parser(sub) -> None:
     """Register `build`."""
@@ -47,6 +49,7 @@ def add_budget_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "less noisy)")
     p.add_argument("--bins", type=int, default=DEFAULT_BINS,
                    help=prefix + f"time bins of the schedule and uem-time tables (default {DEFAULT_BINS})")
+    add_final_x0_argument(p, prefix + "calibration runs: ")
 
 
 def budget_options(a: argparse.Namespace) -> dict:
@@ -59,7 +62,8 @@ def budget_options(a: argparse.Namespace) -> dict:
         raise ValueError(f"--target-layers is a fraction of the layers in (0, 1], got {a.target_layers}")
     if a.max_shift is not None and a.max_shift < 0:
         raise ValueError(f"--max-shift must be >= 0, got {a.max_shift}")
-    return {"target_layers": a.target_layers, "max_shift": a.max_shift, "samples": a.samples, "bins": a.bins}
+    return {"target_layers": a.target_layers, "max_shift": a.max_shift, "samples": a.samples, "bins": a.bins,
+            "final_x0": a.final_x0}
 
 
 def _cmd_build(a: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .sample import add_final_x0_argument
+
 
 def add_parser(sub) -> None:
     """Register `tradeoff`."""
@@ -34,8 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="OpenVINO threads for the timings (0: its default)")
     p.add_argument("--classifier", type=Path, default=None, help="quality classifier (default: the shipped one)")
     p.add_argument("--out", type=Path, default=Path("tradeoff_out"), help="folder for the table, JSON and PNGs")
+    add_final_x0_argument(p, "calibration, evaluation and timing: ")
     p.add_argument("--retime", action="store_true",
-                   help="only time again the rows of OUT/tradeoff.json (same policies, fitted and measured before), "
+                   help="only time again the rows of OUT/tradeoff.json (same policies and last sampler step, fitted and measured before), "
                         "e.g. on a quieter machine, and rewrite the table and pictures")
     p.set_defaults(func=_cmd_tradeoff)
 
@@ -73,7 +76,7 @@ def _cmd_tradeoff(a: argparse.Namespace) -> int:
         retime(res, loaded, engines, a.time_batch, a.repeats, a.threads)
     else:
         res = run_tradeoff(loaded, engines, clf, saved, a.n, a.cal_samples, a.time_batch, a.repeats, a.threads,
-                           log=lambda m: print(m, flush=True))
+                           a.final_x0, log=lambda m: print(m, flush=True))
     command = "python -m adadiff_export " + " ".join(shlex.quote(v) for v in sys.argv[1:])
     paths = write(res, a.out, depth, command)
     print(markdown(res, depth, command))

@@ -29,13 +29,14 @@ def budget_layers(depth: int, target_layers: float) -> float:
 
 def fit(loaded: Loaded, target_layers: Optional[float] = None, max_shift: Optional[float] = None,
         samples: int = DEFAULT_SAMPLES, bins: int = DEFAULT_BINS, policies: Sequence[str] = POLICIES,
-        guidance: Optional[float] = None, log: Callable[[str], None] = print) -> CalibrationReport:
+        guidance: Optional[float] = None, final_x0: bool = True,
+        log: Callable[[str], None] = print) -> CalibrationReport:
     """Fit for a layer budget, or find the smallest budget whose best policy keeps J <= `max_shift`."""
     if target_layers is not None and max_shift is not None:
         raise ValueError("give either --target-layers or --max-shift, not both")
     depth = loaded.model.depth
     w = exit_defaults(loaded).guidance if guidance is None else guidance
-    kw = dict(samples=samples, guidance=w, bins=bins, policies=policies, progress=log)
+    kw = dict(samples=samples, guidance=w, bins=bins, policies=policies, final_x0=final_x0, progress=log)
     if max_shift is None:
         budget = budget_layers(depth, DEFAULT_TARGET if target_layers is None else target_layers)
         return calibrate_exits(loaded, [budget], **kw)
@@ -99,7 +100,7 @@ def calibrate_checkpoint(path: Optional[Path], out: Optional[Path] = None, log: 
     provenance = dict(raw.get("provenance") or {})
     provenance["calibration"] = {"samples": report.samples, "features": report.features, "runs": report.runs,
                                  "budgets": [b.budget for b in report.budgets],
-                                 "default": default or "lowest J"}
+                                 "default": default or "lowest J", "final_x0": report.final_x0}
     raw["provenance"] = provenance
     write_atomic(raw, target)
     log(format_report(report, loaded.model.depth))

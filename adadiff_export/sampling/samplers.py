@@ -4,7 +4,7 @@ All run on a decreasing time grid from 1 to `schedule.t_eps` and return images c
 [-1, 1]. With `final_x0` (the default) the last step returns that step's data prediction
 x0 = (x - sigma_t eps) / alpha_t instead of stepping to t_eps (k-diffusion's last step to
 sigma 0, DPM-Solver's denoise_to_zero without the extra evaluation): the ~1% noise left at
-t_eps is removed, which lowered FD by 3-6% on 1,000 samples of the shipped checkpoint at every
+t_eps is removed, which lowered FD by 3-7% on 1,000 samples of the shipped checkpoint at every
 exit setting measured. `final_x0=False` stops at t_eps, as the paper's samplers do. Classifier-free guidance wraps a denoiser
 (`guided`), so every sampler has it.
 """
