@@ -86,3 +86,17 @@ def test_a_request_without_threshold_takes_the_manifest_default_policy(engines, 
     np.testing.assert_allclose(out[0]["layers"][:, 0], mean_layers(layers, 2), atol=1e-6)
     assert 1.0 < float(out[0]["layers"][0, 0]) < 3.0           # the schedule's layers, not uem's
     assert float(out[1]["layers"][0, 0]) == rt.depth           # threshold 0 is full depth
+
+
+def test_served_max_batch_is_checked_before_the_server_starts(engines, facts, capsys):
+    """--max-batch caps what Triton batches and accepts; a negative one or one the engines cannot hold is refused
+    with the flag named, the first by the command line before any re-exec or Triton start."""
+    from adadiff_export.cli import main
+    from adadiff_export.serve.server import ServeError, ServeOptions
+
+    assert ServeOptions(engines=engines).batch_limit(facts.max_batch) == facts.max_batch
+    assert ServeOptions(engines=engines, max_batch=4).batch_limit(facts.max_batch) == 4
+    with pytest.raises(ServeError, match="--max-batch 99 is above the engines' max batch"):
+        ServeOptions(engines=engines, max_batch=99).batch_limit(facts.max_batch)
+    assert main(["serve", str(engines), "--max-batch", "-1"]) == 2
+    assert "--max-batch must be >= 0" in capsys.readouterr().err

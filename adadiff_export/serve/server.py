@@ -63,6 +63,7 @@ class ServeOptions:
     max_queue_delay_us: int = 2000
     threads: int = 0                 # OpenVINO threads per instance; 0 = the CPU count divided among the instances
     drain_seconds: int = 30          # Triton's exit timeout: how long in-flight requests may take to finish on SIGTERM
+    max_batch: int = 0               # the largest batch Triton forms and accepts; 0 = the engines' max batch
 
     def check(self) -> None:
         if not (Path(self.engines) / "manifest.json").is_file():
@@ -82,6 +83,15 @@ class ServeOptions:
             raise ServeError(f"--drain-seconds must be >= 1, got {self.drain_seconds}")
         if self.threads < 0:
             raise ServeError(f"--threads must be >= 0, got {self.threads}")
+        if self.max_batch < 0:
+            raise ServeError(f"--max-batch must be >= 0 (0: the engines' max batch), got {self.max_batch}")
+
+    def batch_limit(self, engines_max_batch: int) -> int:
+        """The served max batch: --max-batch, which the engines must hold, or the engines' own."""
+        if self.max_batch > engines_max_batch:
+            raise ServeError(f"--max-batch {self.max_batch} is above the engines' max batch {engines_max_batch} "
+                             f"(rebuild them with `build --max-batch {self.max_batch}`)")
+        return self.max_batch or engines_max_batch
 
     def check_ports_free(self) -> None:
         """Refuse a port another process holds now, before Triton starts (it would only log the failure)."""
@@ -174,6 +184,7 @@ def serve(o: ServeOptions, log: Callable[[str], None] = lambda m: print(m, file=
         threads = o.threads_per_instance()
         runtimes = [adadiff_rt.Runtime(str(o.engines), threads=threads) for _ in range(o.instances)]
         facts = ModelFacts.of(runtimes[0])
+        facts = dataclasses.replace(facts, max_batch=o.batch_limit(facts.max_batch))
         d = runtimes[0].default_exit
         log(f"engines {o.engines}: {facts.in_chans}x{facts.img_size}x{facts.img_size}, "
             f"{facts.num_classes or 'no'} classes, depth {facts.depth}, max batch {facts.max_batch}; default exit "
