@@ -328,6 +328,8 @@ int Runtime::known_exits(const Resolved& r, int layer, int n, int rows, const fl
     case Policy::Saturation:
       // u is a mean of sigmoids and the relative change a ratio of norms: neither is below 0.
       return !r.table && p.threshold <= 0.0f ? 0 : -1;
+    case Policy::UemAuthors:
+      return -1;  // one decision per batch (or half), with a second trigger in the in blocks: read it back
   }
   return -1;
 }
