@@ -213,7 +213,12 @@ def test_verify_refuses_what_the_runtime_refuses(built, tmp_path, capsys, edit):
         adadiff_rt.Runtime(str(folder), cache_dir="")
     assert main(["verify", str(folder), "--no-parity"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"adadiff_rt refuses {folder}: {refused.value}" in err, err
+
+    def numbers_out(text: str) -> str:  # the max_batch message names the memory free now, which moves between calls
+        return re.sub(r"\d+(\.\d+)?", "#", text)
+
+    assert err.count("\n") == 1, err
+    assert numbers_out(f"adadiff_rt refuses {folder}: {refused.value}") in numbers_out(err), err
 
 
 def test_verify_says_when_the_runtime_checks_did_not_run(built, tmp_path, capsys, monkeypatch):

@@ -167,17 +167,24 @@ def test_health_and_readiness_answer(server):
 
 
 def test_concurrent_requests_are_batched_and_equal_the_local_runtime(server, rt):
+    """Every answer equals the local runtime's, each time; and the requests sent together share executions.
+    Whether they arrive within the queue delay depends on the machine's load (a compile beside the suite spread
+    them once), so the burst is sent up to three times and batching must show in one of them."""
     requests = mixed_requests() + [sample_request(30, 6), sample_request(31, 8, threshold=0.5, guidance=1.0)]
-    runs_before = server.counter("nv_inference_exec_count")
-    served_before = server.counter("nv_inference_count")
-    results = infer_all(server.url, requests)
-    for request, out in zip(requests, results):
-        assert not isinstance(out, Exception), out
-        assert_served_equals_local(rt, request, out)
-    runs = server.counter("nv_inference_exec_count") - runs_before
-    served = server.counter("nv_inference_count") - served_before
-    assert served == sum(r["noise"].shape[0] for r in requests)
-    assert runs < len(requests), f"{len(requests)} requests sent together ran in {runs} executions: no batching"
+    executions = []
+    for _ in range(3):
+        runs_before = server.counter("nv_inference_exec_count")
+        served_before = server.counter("nv_inference_count")
+        results = infer_all(server.url, requests)
+        for request, out in zip(requests, results):
+            assert not isinstance(out, Exception), out
+            assert_served_equals_local(rt, request, out)
+        executions.append(server.counter("nv_inference_exec_count") - runs_before)
+        assert server.counter("nv_inference_count") - served_before == sum(r["noise"].shape[0] for r in requests)
+        if executions[-1] < len(requests):
+            break
+    assert executions[-1] < len(requests), \
+        f"{len(requests)} requests sent together ran in {executions} executions: no batching"
 
 
 def test_grpc_denoise_equals_the_local_runtime(server, rt):
