@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("tradeoff_out"), help="folder for the table, JSON and PNGs")
     add_final_x0_argument(p, "calibration, evaluation and timing: ")
     p.add_argument("--retime", action="store_true",
-                   help="only time again the rows of OUT/tradeoff.json (same policies and last sampler step, fitted and measured before), "
+                   help="only time again the rows of OUT/tradeoff.json (same policies and last sampler step, fitted "
+                        "and measured before), "
                         "e.g. on a quieter machine, and rewrite the table and pictures")
     p.set_defaults(func=_cmd_tradeoff)
 
