@@ -1,6 +1,7 @@
 // The one small interface every executor implements (OpenVINO, TensorRT, Python callables).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace adadiff {
@@ -17,6 +18,9 @@ class Engine {
   virtual std::string name() const = 0;
   // Largest batch a single run accepts.
   virtual int max_batch() const = 0;
+  // Whether runs replay CUDA graphs (TensorRT), and how many the engine has captured so far.
+  virtual bool cuda_graphs() const { return false; }
+  virtual int64_t graphs_captured() const { return 0; }
   // Runs manifest segment `seg` on `batch` rows. `in` / `out` hold one pointer per tensor of the
   // segment, in manifest order; the memory is the runtime's (host or device, as its Ops say) and
   // stays valid for the call. Throws std::runtime_error naming the segment on failure.

@@ -4,10 +4,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <utility>
 
 #include "openvino_engine.hpp"
+#include "tensorrt_build.hpp"
 #include "tensorrt_engine.hpp"
 
 namespace adadiff {
@@ -38,6 +40,11 @@ std::string choose_engine(const Manifest& m, const RuntimeOptions& o, bool calle
     invalid("segments= is only used by engine='dlpack' (or 'auto'), not '" + kind + "'");
   if (kind == "openvino" && o.device != "cpu") invalid("engine='openvino' runs on device='cpu' only");
   if (kind == "tensorrt" && o.device != "cuda") invalid("engine='tensorrt' runs on device='cuda' only");
+  if (o.build_plans != "auto" && o.build_plans != "never")
+    invalid("build_plans must be 'auto' or 'never', got '" + o.build_plans + "'");
+  if (kind != "tensorrt" && o.cuda_graphs.value_or(false))
+    invalid("cuda_graphs=True cannot be honoured by engine='" + kind + "': CUDA graphs replay TensorRT plans " +
+            "(leave it unset)");
   if (kind != "openvino" && o.threads != 0)
     invalid("threads=" + std::to_string(o.threads) + " cannot be honoured by engine='" + kind +
             "': threads sets OpenVINO's CPU threads (leave it 0)");
@@ -49,9 +56,13 @@ std::string choose_engine(const Manifest& m, const RuntimeOptions& o, bool calle
     invalid("precision='" + p + "' cannot be honoured by engine='dlpack': the callables compute in their own " +
             "precision (leave precision unset)");
   if (kind == "tensorrt") {
-    if (!m.tensorrt.present)
-      throw std::runtime_error("engine='tensorrt': the engines folder has no TensorRT plans (manifest \"tensorrt\" is null)");
-    if (p != m.tensorrt.precision)
+    if (!m.tensorrt.present) {
+      if (o.build_plans == "never")
+        throw std::runtime_error("engine='tensorrt': the engines folder has no TensorRT plans (manifest \"tensorrt\" is "
+                                 "null) and build_plans='never'");
+      if (p != "fp32" && p != "fp16" && p != "bf16")
+        invalid("precision must be 'fp32', 'fp16' or 'bf16' for the TensorRT plans built here, got '" + p + "'");
+    } else if (p != m.tensorrt.precision)
       invalid("precision='" + p + "' cannot be honoured by engine='tensorrt': the folder's plans were built in " +
               m.tensorrt.precision + " (leave precision unset, or rebuild with python -m adadiff_export build " +
               "--precision " + p + ")");
@@ -64,6 +75,52 @@ std::string choose_engine(const Manifest& m, const RuntimeOptions& o, bool calle
 int capacity_for(const Manifest& m, const std::string& kind) {
   const int rows = 2 * m.max_batch;
   return kind == "tensorrt" && m.tensorrt.present ? std::min(rows, m.tensorrt.profile_max) : rows;
+}
+
+// Where plans built on this machine go (RuntimeOptions::cache_dir).
+std::string plan_cache_dir(const Manifest& m, const RuntimeOptions& o) {
+  if (o.cache_dir) {
+    if (o.cache_dir->empty())
+      invalid("the TensorRT plans in " + m.dir + " must be built on this machine, and cache_dir='' leaves nowhere " +
+              "to keep them: pass a cache_dir, or build_plans='never' to be refused instead");
+    return *o.cache_dir;
+  }
+  if (access(m.dir.c_str(), W_OK) == 0) return m.dir + "/tensorrt_cache";
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  if (xdg && *xdg) return std::string(xdg) + "/adadiff/tensorrt";
+  if (home && *home) return std::string(home) + "/.cache/adadiff/tensorrt";
+  throw std::runtime_error("TensorRT plans must be built for " + m.dir + ", which is read-only, and neither " +
+                           "XDG_CACHE_HOME nor HOME is set: pass cache_dir");
+}
+
+// The plans a TensorRT Runtime on `m` runs: the folder's own where they run here; else (build_plans
+// 'auto') a request for plans built into the cache, with the folder's profile and precision when it
+// has plans, else build's defaults (profile 1 / min(16, max_batch) / 2 x max_batch, fp32).
+std::optional<PlanBuildRequest> plans_to_build(const Manifest& m, const RuntimeOptions& o) {
+  const std::string problem = tensorrt_plans_problem(m, o.device_id);
+  if (problem.empty()) return std::nullopt;
+  if (o.build_plans == "never")
+    throw std::runtime_error("TensorRT plans in " + m.dir + " cannot run here: " + problem +
+                             " (build_plans='never'; 'auto' builds them from the folder's ONNX segments)");
+  if (!tensorrt_can_build())
+    throw std::runtime_error("TensorRT plans in " + m.dir + " cannot run here (" + problem + ") and this adadiff_rt "
+                             "cannot build them (no TensorRT ONNX parser at build time)");
+  PlanBuildRequest r;
+  r.cache_dir = plan_cache_dir(m, o);
+  r.device_id = o.device_id;
+  if (m.tensorrt.present) {
+    r.precision = m.tensorrt.precision;
+    r.profile_min = m.tensorrt.profile_min;
+    r.profile_opt = m.tensorrt.profile_opt;
+    r.profile_max = m.tensorrt.profile_max;
+  } else {
+    r.precision = o.precision.value_or("fp32");
+    r.profile_min = 1;
+    r.profile_opt = std::min(16, m.max_batch);
+    r.profile_max = 2 * m.max_batch;
+  }
+  return r;
 }
 
 bool has_maps(const Manifest& m) { return m.segments[1].outputs.size() == 3; }
@@ -118,8 +175,12 @@ std::unique_ptr<Runtime> open_runtime(const std::string& dir, const RuntimeOptio
   std::unique_ptr<Ops> ops = make_ops(o.device, o.device_id);
   // TensorRT deserializes onto the current device: the Runtime's, for this call only.
   DeviceScope on(*ops);
-  const int capacity = capacity_for(m, kind);
-  // Before an engine compiles: OpenVINO's compile takes seconds, and the answer does not depend on it.
+  // Before anything is built: whether TensorRT plans must be, which fixes the capacity.
+  std::optional<PlanBuildRequest> build;
+  if (kind == "tensorrt" && tensorrt_compiled()) build = plans_to_build(m, o);
+  const int capacity = build ? std::min(2 * m.max_batch, build->profile_max) : capacity_for(m, kind);
+  // Before an engine compiles: OpenVINO's compile takes seconds (TensorRT's plan builds minutes), and
+  // the answer does not depend on it.
   memory_check(m, capacity, *ops);
   std::unique_ptr<Engine> engine;
   if (kind == "dlpack") {
@@ -138,7 +199,10 @@ std::unique_ptr<Runtime> open_runtime(const std::string& dir, const RuntimeOptio
     }
     engine = make_openvino_engine(m, ov);
   } else {
-    engine = make_tensorrt_engine(m, ops.get());
+    TensorRtOptions trt;
+    if (build) trt.plans = tensorrt_cached_plans(m, *build);
+    trt.cuda_graphs = o.cuda_graphs.value_or(true);
+    engine = make_tensorrt_engine(m, ops.get(), trt);
   }
   return std::make_unique<Runtime>(std::move(m), std::move(ops), std::move(engine));
 }

@@ -25,8 +25,16 @@ struct RuntimeOptions {
   // TensorRT only the precision its plans were built in; a caller's engine none (it chooses).
   std::optional<std::string> precision;
   int threads = 0;  // OpenVINO's CPU threads (0: its default); the other engines have none and take 0
-  // OpenVINO's compiled-model cache. Unset: <dir>/openvino_cache where the folder is writable; "": none.
+  // OpenVINO's compiled-model cache and TensorRT's plan cache (plans built here, build_plans).
+  // Unset: <dir>/openvino_cache or <dir>/tensorrt_cache where the folder is writable, else (TensorRT)
+  // $XDG_CACHE_HOME/adadiff/tensorrt or ~/.cache/adadiff/tensorrt; "": none (TensorRT then cannot build).
   std::optional<std::string> cache_dir;
+  // TensorRT: "auto" builds plans from the folder's ONNX segments into the plan cache when the
+  // folder's own are missing or were built for another TensorRT version or GPU (minutes, once per
+  // machine); "never" refuses such a folder. Other engines ignore it (they build nothing).
+  std::string build_plans = "auto";
+  // TensorRT: replay each plan's enqueue as a CUDA graph (unset: yes). true with another engine is refused.
+  std::optional<bool> cuda_graphs;
   bool fuse_static = true;  // OpenVINO: see OpenVinoOptions
   bool fuse_exit = true;
 };

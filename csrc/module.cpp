@@ -20,6 +20,7 @@
 #include "plan_check.hpp"
 #include "py_arrays.hpp"
 #include "py_dicts.hpp"
+#include "py_docs.hpp"
 #include "tensorrt_engine.hpp"
 
 namespace py = pybind11;
@@ -35,7 +36,8 @@ class PyRuntime {
  public:
   PyRuntime(const std::string& dir, const std::string& device, const std::string& engine,
             std::optional<std::string> precision, int threads, std::optional<py::dict> segments,
-            std::optional<std::string> cache_dir, int device_id, bool fuse_static, bool fuse_exit) {
+            std::optional<std::string> cache_dir, int device_id, bool fuse_static, bool fuse_exit,
+            const std::string& build_plans, std::optional<bool> cuda_graphs) {
     RuntimeOptions o;
     o.device = device;
     o.device_id = device_id;
@@ -45,6 +47,8 @@ class PyRuntime {
     o.cache_dir = std::move(cache_dir);
     o.fuse_static = fuse_static;
     o.fuse_exit = fuse_exit;
+    o.build_plans = build_plans;
+    o.cuda_graphs = cuda_graphs;
     EngineMaker callables;
     if (segments)
       callables = [&segments](const Manifest& m, Ops* ops, int capacity) {
@@ -137,6 +141,7 @@ class PyRuntime {
 
   const Manifest& manifest() const { return rt_->manifest(); }
   std::string engine_name() const { return rt_->engine().name(); }
+  const Engine& engine() const { return rt_->engine(); }
   int64_t engine_calls() const { return rt_->engine_calls(); }
   const std::string& device() const { return device_; }
 
@@ -315,74 +320,33 @@ adadiff_export verify` runs it, so verify and the runtime refuse the same folder
 the device (2 x max_batch rows): RuntimeError naming it and what is free when it does not fit, else
 {capacity, needed, free, source}. `build --max-batch` asks it before exporting anything.)doc");
 
-  py::class_<PyRuntime>(mod, "Runtime", R"doc(
-An engines folder loaded for inference.
-
-Runtime(engines_dir, device="cpu", engine="auto", precision=None, threads=0, *, segments=None,
-        cache_dir=None, device_id=0, fuse_static=True, fuse_exit=True)
-
-engine: "auto" (OpenVINO on cpu, TensorRT on cuda, "dlpack" when segments is given), "openvino",
-"tensorrt" or "dlpack" (segments = {segment name: callable(*DLPack inputs) -> outputs}).
-precision: None (the engine's own: OpenVINO fp32, TensorRT its plans'), OpenVINO's "fp32" or "bf16",
-or TensorRT's plans' own; threads: OpenVINO CPU threads (0 = its default). An option the engine
-cannot honour (another precision than the plans', threads on TensorRT or DLPack, precision on
-DLPack) is refused with ValueError, not ignored. cache_dir: OpenVINO compiled-model cache (default
-<engines_dir>/openvino_cache when writable, "" disables it). fuse_static: OpenVINO runs the
-static policy's stem, layers 1..L and head as one compiled graph (stitched from the segments; the
-same results, without a call per segment); False chains the segments as the other policies do.
-fuse_exit: OpenVINO runs the uem policy as one compiled graph that tests u after every layer itself
-and skips the layers left once every row has exited (whole-batch exit at any batch, per-row exit
-for up to 2 rows, where it saves the per-segment calls that compaction cannot); False always
-chains the segments.
-Every file is checked against its sha256 in manifest.json before use.
-)doc")
+  py::class_<PyRuntime>(mod, "Runtime", kRuntimeDoc)
       .def(py::init<const std::string&, const std::string&, const std::string&, std::optional<std::string>, int,
-                    std::optional<py::dict>, std::optional<std::string>, int, bool, bool>(),
+                    std::optional<py::dict>, std::optional<std::string>, int, bool, bool, const std::string&,
+                    std::optional<bool>>(),
            py::arg("engines_dir"), py::arg("device") = "cpu", py::arg("engine") = "auto", py::arg("precision") = py::none(),
            py::arg("threads") = 0, py::kw_only(), py::arg("segments") = py::none(), py::arg("cache_dir") = py::none(),
-           py::arg("device_id") = 0, py::arg("fuse_static") = true,
-           py::arg("fuse_exit") = true)
+           py::arg("device_id") = 0, py::arg("fuse_static") = true, py::arg("fuse_exit") = true,
+           py::arg("build_plans") = "auto", py::arg("cuda_graphs") = py::none())
       .def("denoise", &PyRuntime::denoise, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
            py::arg("stream") = py::none(),
-           R"doc(One early-exit denoiser call: x float32 [B,C,H,W], t float32 [B] (continuous time), y int64 [B].
-
-Arrays: numpy, any CPU DLPack object (torch CPU tensors, no copy) or, on a device='cuda' Runtime,
-CUDA memory (DLPack or __cuda_array_interface__), all on one device; the results come back as the
-input's kind on its device (torch in, torch out; numpy otherwise; CUDA: adadiff_rt.DeviceArray or the
-input library's tensor). stream (CUDA: a torch/CuPy stream or a cudaStream_t int): the runtime's work
-is ordered after the stream's and the stream's later work after it, and the call does not wait;
-without it a CUDA call waits for its results.
-
-Returns (eps float32 [B,C,H,W], exit_layer int64 [B] (1-based), u float32 [B,N] with NaN where not
-computed). policy "uem" (the paper's rule: exit when u < threshold) | "uem-time" (thresholds and a
-layer range by time) | "schedule" (an exit layer by time) | "static" (static_layer) | "saturation" |
-"uem-authors" (the AdaDiff code's rule: one decision for the batch on mean u < threshold = 1 - tau,
-in blocks at the second trigger, from the mid block on at the first; granularity "batch", patience 1);
-granularity "sample" (exited samples leave the batch) or "batch" (one decision for the batch);
-table: a schedule {t_bounds, layers} or uem-time table {t_bounds, min_layers, max_layers,
-thresholds} as in the manifest. Every argument left None takes the manifest's exit defaults
-(Runtime.default_exit).)doc")
+           kDenoiseDoc)
       .def("sample", &PyRuntime::sample, py::arg("noise"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("sampler") = "dpm++", py::arg("steps") = py::none(), py::arg("guidance") = py::none(),
            py::arg("policy") = py::none(), py::arg("threshold") = py::none(), py::arg("patience") = py::none(),
            py::arg("granularity") = py::none(), py::arg("static_layer") = py::none(), py::arg("table") = py::none(),
            py::arg("eta") = 0.0, py::arg("seed") = 0, py::arg("final_x0") = true, py::arg("stream") = py::none(),
-           R"doc(The whole sampling loop in C++ (mirrors adadiff_export.sampling.samplers).
-
-Arrays and stream as for denoise; layers_used is a host array (numpy, or torch for torch inputs).
-
-sampler "dpm++" | "ddim" | "euler"; steps None = 50 | 100 | 1000; guidance None = the manifest's
-default (classifier-free guidance, one batched call: cond half first, then the null class);
-the exit arguments as for denoise (None: the manifest's defaults); final_x0 (default): the last step returns
-its x0 prediction instead of stepping to t_eps (False: x at t_eps, the paper's samplers).
-Returns (images float32 [B,C,H,W] in [-1, 1], layers_used int64 [steps, B_eff]), B_eff = 2B
-under guidance. Stochastic samplers (ddim with eta > 0, euler) use the runtime's own RNG (seed).)doc")
+           kSampleDoc)
       .def("full", &PyRuntime::full, py::arg("x"), py::arg("t"), py::arg("y") = py::none(), py::kw_only(),
            py::arg("stream") = py::none(),
            "The `full` segment (the whole model in one graph): the speed baseline.")
       .def_property_readonly("engine", &PyRuntime::engine_name)
+      .def_property_readonly("cuda_graphs", [](const PyRuntime& r) { return r.engine().cuda_graphs(); },
+                             "Whether the engine replays CUDA graphs (TensorRT with cuda_graphs not False).")
+      .def_property_readonly("graphs_captured", [](const PyRuntime& r) { return r.engine().graphs_captured(); },
+                             "CUDA graphs the engine has captured so far (0 without graphs).")
       .def_property_readonly("device", &PyRuntime::device)
       .def_property_readonly("max_batch", [](const PyRuntime& r) { return r.manifest().max_batch; })
       .def_property_readonly("depth", [](const PyRuntime& r) { return r.manifest().model.depth; })

@@ -4,7 +4,11 @@
 // scratch area, IErrorRecorder, enqueueV3). It has NOT run: CI has no TensorRT and no GPU; it is
 // compile-checked against the TensorRT 10.9 headers where they are found (scripts/gpu_check.sh runs
 // it on a GPU). The rules it applies (plan I/O against the manifest, version and compute
-// capability) live in plan_check.cpp and are tested on CPU.
+// capability) live in plan_check.cpp and are tested on CPU. CUDA graphs: each plan's enqueueV3 is
+// captured once per (batch, tensor addresses) after one plain run with them (TensorRT's own advice:
+// the first enqueue after a shape change does work a capture must not see) and replayed after; the
+// chained loop binds the same few buffers step after step, so a handful of graphs per plan serve a
+// whole sampling run. A capture TensorRT refuses turns graphs off for that plan, with a warning.
 #include "tensorrt_engine.hpp"
 
 #include <stdexcept>
@@ -17,10 +21,11 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <atomic>
-#include <fstream>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "tensorrt_common.hpp"
 #endif
 
 namespace adadiff {
@@ -34,7 +39,7 @@ MessageLog& tensorrt_log() {
 
 bool tensorrt_compiled() { return false; }
 int tensorrt_version() { return 0; }
-std::unique_ptr<Engine> make_tensorrt_engine(const Manifest&, Ops*) {
+std::unique_ptr<Engine> make_tensorrt_engine(const Manifest&, Ops*, const TensorRtOptions&) {
   throw std::runtime_error(
       "engine='tensorrt': this adadiff_rt was built without TensorRT (NvInfer.h / libnvinfer not found at build "
       "time); on device='cuda' pass segments={...} to use Python callables (engine='dlpack') instead");
@@ -45,42 +50,39 @@ std::unique_ptr<Engine> make_tensorrt_engine(const Manifest&, Ops*) {
 bool tensorrt_compiled() { return true; }
 int tensorrt_version() { return getInferLibVersion(); }
 
-namespace {
+namespace trt {
 
-// The one logger of the process: TensorRT keeps the first ILogger it is given for the process, so
-// a per-Runtime logger would outlive its Runtime inside TensorRT. MessageLog locks.
+namespace {
 class Logger final : public nvinfer1::ILogger {
  public:
   void log(Severity severity, const char* msg) noexcept override { tensorrt_log().add(int(severity), msg); }
 };
+}  // namespace
 
-Logger& logger() {
+nvinfer1::ILogger& logger() {
   static Logger l;
   return l;
 }
 
-// Errors of this engine's TensorRT objects (the runtime hands it to the engines and contexts it
-// creates). Cleared before every call, so the message raised is that call's.
-class Recorder final : public nvinfer1::IErrorRecorder {
- public:
-  int32_t getNbErrors() const noexcept override { return errors.size(); }
-  nvinfer1::ErrorCode getErrorCode(int32_t i) const noexcept override {
-    return static_cast<nvinfer1::ErrorCode>(errors.code(i));
-  }
-  ErrorDesc getErrorDesc(int32_t i) const noexcept override { return errors.desc(i); }
-  bool hasOverflowed() const noexcept override { return errors.overflowed(); }
-  void clear() noexcept override { errors.clear(); }
-  bool reportError(nvinfer1::ErrorCode code, ErrorDesc desc) noexcept override {
-    errors.add(int(code), desc);
-    return false;  // not fatal to TensorRT: the call returns its failure and we throw
-  }
-  RefCount incRefCount() noexcept override { return ++refs_; }
-  RefCount decRefCount() noexcept override { return --refs_; }
-  ErrorList errors;
+std::string version_string() {
+  const int v = getInferLibVersion();
+  return std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100);
+}
 
- private:
-  std::atomic<int32_t> refs_{0};
-};
+std::string gpu_arch(int device_id, std::string* gpu_name) {
+  cudaDeviceProp prop{};
+  const cudaError_t e = cudaGetDeviceProperties(&prop, device_id);
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA: cudaGetDeviceProperties: ") + cudaGetErrorString(e));
+  if (gpu_name) *gpu_name = prop.name;
+  return "sm_" + std::to_string(prop.major) + std::to_string(prop.minor);
+}
+
+}  // namespace trt
+
+namespace {
+
+using trt::logger;
+using trt::Recorder;
 
 std::string dtype_str(nvinfer1::DataType d) {
   switch (d) {
@@ -123,6 +125,22 @@ PlanInfo plan_info(const nvinfer1::ICudaEngine& e) {
   return p;
 }
 
+struct GraphExecFree {
+  void operator()(cudaGraphExec_t g) const noexcept { cudaGraphExecDestroy(g); }
+};
+using GraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecFree>;
+
+// One captured enqueue: valid for the batch and the addresses it was captured with.
+struct Captured {
+  int batch = 0;
+  std::vector<void*> bound;
+  GraphExec exec;
+};
+
+// Graphs kept per plan: the chained loop's ping-pong buffers give each layer a few address sets;
+// more than this means addresses that keep moving, where capturing costs more than it saves.
+constexpr size_t kGraphsPerPlan = 8;
+
 struct Plan {
   std::unique_ptr<nvinfer1::ICudaEngine> engine;
   std::unique_ptr<nvinfer1::IExecutionContext> context;
@@ -130,13 +148,20 @@ struct Plan {
   // the chained loop calls each segment with the same buffers step after step.
   int batch = -1;
   std::vector<void*> bound;  // inputs then outputs, manifest order
+  // CUDA graphs: the last plain run's batch and addresses (the warm-up a capture waits for).
+  int warm_batch = -1;
+  std::vector<void*> warm_bound;
+  std::vector<Captured> graphs;
+  bool no_graphs = false;  // a capture failed: this plan runs plain from then on
 };
 
 class TensorRtEngine final : public Engine {
  public:
-  TensorRtEngine(const Manifest& m, Ops* ops) : m_(m), ops_(ops), plans_(m.segments.size()) {
+  TensorRtEngine(const Manifest& m, Ops* ops, const TensorRtOptions& o)
+      : m_(m), ops_(ops), t_(o.plans ? *o.plans : m.tensorrt), cached_(bool(o.plans)), graphs_(o.cuda_graphs),
+        plans_(m.segments.size()) {
     if (!ops->is_cuda()) throw std::invalid_argument("engine='tensorrt' needs device='cuda'");
-    if (!m.tensorrt.present)
+    if (!t_.present)
       throw std::runtime_error("engine='tensorrt': the engines folder has no TensorRT plans (manifest \"tensorrt\" is null)");
     check_target();
     runtime_.reset(nvinfer1::createInferRuntime(logger()));
@@ -145,8 +170,8 @@ class TensorRtEngine final : public Engine {
     int64_t scratch = 0;
     for (size_t i = 0; i < m.segments.size(); ++i) {
       const SegmentDesc& s = m.segments[i];
-      auto it = m.tensorrt.plans.find(s.name);
-      if (it == m.tensorrt.plans.end()) {
+      auto it = t_.plans.find(s.name);
+      if (it == t_.plans.end()) {
         if (s.kind == "full") continue;  // the baseline is optional for a runtime
         throw std::runtime_error("manifest.json: tensorrt.plans has no plan for segment " + s.name);
       }
@@ -163,31 +188,29 @@ class TensorRtEngine final : public Engine {
   }
 
   ~TensorRtEngine() override {
-    // Contexts and engines first (they hold the recorder), then the runtime.
+    // Graphs and contexts first (they hold the scratch area and the recorder), then the runtime.
     plans_.clear();
     runtime_.reset();
   }
 
   std::string name() const override { return "tensorrt"; }
-  int max_batch() const override { return m_.tensorrt.profile_max; }
+  int max_batch() const override { return t_.profile_max; }
+  bool cuda_graphs() const override { return graphs_; }
+  int64_t graphs_captured() const override { return captured_; }
 
   void run(int seg, int batch, void* const* in, void* const* out) override {
     const SegmentDesc& s = m_.segments[seg];
     Plan& p = plans_[seg];
     if (!p.context) throw std::runtime_error("TensorRT: no plan for segment " + s.name);
-    if (batch < m_.tensorrt.profile_min || batch > m_.tensorrt.profile_max)
+    if (batch < t_.profile_min || batch > t_.profile_max)
       throw std::runtime_error("TensorRT: segment " + s.name + ": batch " + std::to_string(batch) +
-                               " is outside the plan's profile " + std::to_string(m_.tensorrt.profile_min) + ".." +
-                               std::to_string(m_.tensorrt.profile_max));
+                               " is outside the plan's profile " + std::to_string(t_.profile_min) + ".." +
+                               std::to_string(t_.profile_max));
     recorder_.clear();
     if (batch != p.batch) {
       p.batch = -1;  // a failure half way leaves shapes unknown
       for (const TensorDesc& t : s.inputs) {
-        nvinfer1::Dims d{};
-        d.nbDims = int32_t(t.shape.size());
-        d.d[0] = batch;
-        for (size_t k = 1; k < t.shape.size(); ++k) d.d[k] = t.shape[k];
-        if (!p.context->setInputShape(t.name.c_str(), d)) fail(s, "setInputShape(" + t.name + ", " + t.shape_str(batch) + ")");
+        if (!p.context->setInputShape(t.name.c_str(), trt::dims_at(t, batch))) fail(s, "setInputShape(" + t.name + ", " + t.shape_str(batch) + ")");
       }
       p.batch = batch;
     }
@@ -201,45 +224,95 @@ class TensorRtEngine final : public Engine {
       if (!p.context->setTensorAddress(name.c_str(), ptr)) fail(s, "setTensorAddress(" + name + ")");
       p.bound[i] = ptr;
     }
-    if (!p.context->enqueueV3(static_cast<cudaStream_t>(ops_->stream()))) fail(s, "enqueueV3");
+    const cudaStream_t stream = static_cast<cudaStream_t>(ops_->stream());
+    if (graphs_ && !p.no_graphs) {
+      for (Captured& g : p.graphs)
+        if (g.batch == batch && g.bound == p.bound) return launch(s, g, stream);
+      if (p.warm_batch == batch && p.warm_bound == p.bound && capture(s, p, stream)) return;
+    }
+    if (!p.context->enqueueV3(stream)) fail(s, "enqueueV3");
+    p.warm_batch = batch;
+    p.warm_bound = p.bound;
   }
 
  private:
-  std::string last_error(const std::string& fallback) const { return recorder_.errors.message(fallback); }
+  std::string last_error(const std::string& fallback) const { return recorder_.message(fallback); }
 
   [[noreturn]] void fail(const SegmentDesc& s, const std::string& call) const {
     throw std::runtime_error("TensorRT: segment " + s.name + ": " + call + " failed: " +
                              last_error("TensorRT recorded no error for this call"));
   }
 
+  void launch(const SegmentDesc& s, const Captured& g, cudaStream_t stream) {
+    const cudaError_t e = cudaGraphLaunch(g.exec.get(), stream);
+    if (e != cudaSuccess)
+      throw std::runtime_error("CUDA: segment " + s.name + ": cudaGraphLaunch: " + cudaGetErrorString(e));
+  }
+
+  // Captures p's enqueue with its current shape and addresses into a graph, then launches it (the
+  // captured work has not run). False, with graphs off for this plan, where TensorRT or CUDA refuses:
+  // the caller then enqueues plainly. ThreadLocal mode: other threads' CUDA calls (another Runtime,
+  // torch) go on while this stream captures.
+  bool capture(const SegmentDesc& s, Plan& p, cudaStream_t stream) {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    std::string why;
+    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+      why = "cudaStreamBeginCapture";
+    } else {
+      const bool ok = p.context->enqueueV3(stream);
+      const cudaError_t end = cudaStreamEndCapture(stream, &graph);  // always: the stream leaves capture mode
+      if (!ok) why = "enqueueV3 under capture: " + last_error("no error recorded");
+      else if (end != cudaSuccess) why = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(end);
+      else if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) why = "cudaGraphInstantiate";
+    }
+    if (graph) cudaGraphDestroy(graph);
+    if (!why.empty() || !exec) {
+      (void)cudaGetLastError();  // a refused capture is not this stream's error from here on
+      recorder_.clear();
+      p.no_graphs = true;
+      const std::string msg = "adadiff_rt: segment " + s.name + " runs without CUDA graphs: " + why;
+      tensorrt_log().add(int(nvinfer1::ILogger::Severity::kWARNING), msg.c_str());
+      return false;
+    }
+    if (p.graphs.size() == kGraphsPerPlan) p.graphs.erase(p.graphs.begin());
+    p.graphs.push_back(Captured{p.batch, p.bound, GraphExec(exec)});
+    ++captured_;
+    launch(s, p.graphs.back(), stream);
+    return true;
+  }
+
   // Before any plan is read: a plan from another TensorRT version or GPU fails deep inside
   // deserializeCudaEngine (or worse, not at all until a kernel is missing); say so up front.
   void check_target() const {
-    cudaDeviceProp prop{};
-    const cudaError_t e = cudaGetDeviceProperties(&prop, ops_->device_id());
-    if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA: cudaGetDeviceProperties: ") + cudaGetErrorString(e));
-    const std::string problem = plan_target_problem(m_.tensorrt, getInferLibVersion(), prop.major, prop.minor);
+    std::string gpu;
+    const std::string arch = trt::gpu_arch(ops_->device_id(), &gpu);
+    int major = 0, minor = 0;
+    parse_gpu_arch(arch, major, minor);
+    const std::string problem = plan_target_problem(t_, getInferLibVersion(), major, minor);
     if (!problem.empty())
-      throw std::runtime_error("TensorRT plans in " + m_.dir + " cannot run here: " + problem + " (GPU " + prop.name +
-                               "). Build them on this machine: run trtexec.sh in the folder and then python -m "
-                               "adadiff_export register-plans " + m_.dir + ", or python -m adadiff_export build --tensorrt on");
+      throw std::runtime_error("TensorRT plans " + std::string(cached_ ? "in the plan cache" : "in " + m_.dir) +
+                               " cannot run here: " + problem + " (GPU " + gpu + "). Let the runtime build them " +
+                               "here (build_plans='auto'), or run trtexec.sh in the folder and then python -m " +
+                               "adadiff_export register-plans " + m_.dir);
   }
 
   void load(int seg, const PlanDesc& plan) {
     const SegmentDesc& s = m_.segments[seg];
-    const std::string path = m_.verified_path("TensorRT plan of segment " + s.name, plan.file, plan.sha256);
-    // One sized read: plans run to gigabytes, which a character-by-character iterator crawls through.
-    std::ifstream f(path, std::ios::binary | std::ios::ate);
-    std::vector<char> blob(f ? size_t(f.tellg()) : 0);
-    if (!f || !f.seekg(0).read(blob.data(), std::streamsize(blob.size())))
-      throw std::runtime_error("TensorRT: cannot read " + path);
+    // A cached plan is this runtime's own file (its name holds its ONNX hash); a folder's plan must
+    // lie in the folder and have the manifest's sha256.
+    const std::string path =
+        cached_ ? plan.file : m_.verified_path("TensorRT plan of segment " + s.name, plan.file, plan.sha256);
+    std::vector<char> blob;
+    if (!trt::read_file(path, blob)) throw std::runtime_error("TensorRT: cannot read " + path);
     Plan& p = plans_[seg];
     recorder_.clear();
     p.engine.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
     if (!p.engine)
-      throw std::runtime_error("TensorRT: cannot deserialize " + plan.file + " (built by TensorRT " + m_.tensorrt.version +
-                               " for " + m_.tensorrt.gpu_arch + "): " + last_error("no error recorded"));
-    check_plan(s, m_.tensorrt, plan_info(*p.engine), plan.file);
+      throw std::runtime_error("TensorRT: cannot deserialize " + path + " (built by TensorRT " + t_.version + " for " +
+                               t_.gpu_arch + "): " + last_error("no error recorded") +
+                               (cached_ ? "; delete it and the runtime builds it again" : ""));
+    check_plan(s, t_, plan_info(*p.engine), plan.file);
     p.context.reset(p.engine->createExecutionContext(nvinfer1::ExecutionContextAllocationStrategy::kUSER_MANAGED));
     if (!p.context)
       throw std::runtime_error("TensorRT: createExecutionContext failed for " + s.name + ": " + last_error("no error recorded"));
@@ -248,16 +321,20 @@ class TensorRtEngine final : public Engine {
 
   Manifest m_;
   Ops* ops_;
+  TensorRtDesc t_;  // the plans run: the folder's, or the plan cache's
+  bool cached_;
+  bool graphs_;
+  int64_t captured_ = 0;
   Recorder recorder_;  // declared before the TensorRT objects: outlives them
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
   std::vector<Plan> plans_;
-  Buffer scratch_;  // the destructor drops the contexts before this is freed
+  Buffer scratch_;  // the destructor drops the contexts and graphs before this is freed
 };
 
 }  // namespace
 
-std::unique_ptr<Engine> make_tensorrt_engine(const Manifest& m, Ops* ops) {
-  return std::make_unique<TensorRtEngine>(m, ops);
+std::unique_ptr<Engine> make_tensorrt_engine(const Manifest& m, Ops* ops, const TensorRtOptions& o) {
+  return std::make_unique<TensorRtEngine>(m, ops, o);
 }
 
 #endif

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -144,20 +145,24 @@ def _trt_parity():
         return f"exit layers equal, eps rel err {err:.1e}; sample(8 rows, guidance 2) ran 16 rows"
 
 
-@row("2 TensorRT: another version / GPU in the manifest is refused")
+@row("2 TensorRT: another version in the manifest: refused (never), rebuilt (auto)")
 def _trt_mismatch():
     need_trt()
     with tempfile.TemporaryDirectory() as tmp:
-        _, folder = _trt_folder(tmp)
+        model, folder = _trt_folder(tmp)
         m = json.loads((folder / "manifest.json").read_text())
         m["tensorrt"]["version"] = "9.0.0"
         (folder / "manifest.json").write_text(json.dumps(m))
         try:
-            adadiff_rt.Runtime(str(folder), device="cuda")
+            adadiff_rt.Runtime(str(folder), device="cuda", build_plans="never")
+            raise AssertionError("plans recorded as TensorRT 9.0.0 were loaded")
         except RuntimeError as e:
             assert "built by TensorRT 9.0.0" in str(e), e
-            return str(e)[:90] + "..."
-        raise AssertionError("plans recorded as TensorRT 9.0.0 were loaded")
+        rt = adadiff_rt.Runtime(str(folder), device="cuda")
+        x, t, y = inputs(model, 4, seed=3)
+        np.testing.assert_array_equal(rt.denoise(x, t, y, threshold=0.5)[1], oracle(model, x, t, y, threshold=0.5)[1])
+        built = len(list((folder / "tensorrt_cache").glob("*.plan")))
+        return f"never: refused; auto: {built} plans rebuilt into tensorrt_cache, exit layers equal the oracle's"
 
 
 @row("2 register-plans: trtexec plans registered, a fake refused")
@@ -180,14 +185,71 @@ def _register():
         raise AssertionError("a fake plan was registered")
 
 
-@row("4 CUDA graphs (static/schedule/full)")
+def need_trt_library():
+    need_gpu()
+    if not adadiff_rt.has_tensorrt:
+        raise Skip("adadiff_rt built without TensorRT (NvInfer.h / libnvinfer / libnvonnxparser not found)")
+
+
+def _mean_ms(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+@row("5 CUDA graphs: on and off give the same results")
 def _graphs():
-    raise Skip("not implemented yet (issue 17, item 5)")
+    need_trt_library()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, folder = _trt_folder(tmp, tensorrt="off")
+        x, t, y = inputs(model, 4, seed=4)
+        noise = np.random.default_rng(4).standard_normal((4, 1, 8, 8)).astype(np.float32)
+        runs, captured, ms = {}, {}, {}
+        for graphs in (False, True):
+            rt = adadiff_rt.Runtime(str(folder), device="cuda", cuda_graphs=graphs)
+            runs[graphs] = [rt.sample(noise, y, steps=4, policy="static", static_layer=3)[0],
+                            rt.sample(noise, y, steps=4, policy="uem", threshold=0.5)[0],
+                            rt.full(x, t, y)]
+            captured[graphs] = rt.graphs_captured
+            ms[graphs] = _mean_ms(lambda: rt.denoise(x[:1], t[:1], y[:1], policy="static", static_layer=3))
+        assert captured[False] == 0 and captured[True] > 0, captured
+        for off, on in zip(runs[False], runs[True]):
+            np.testing.assert_array_equal(off, on)
+        return (f"{captured[True]} graphs; static, uem and full identical; denoise static L3 batch 1: "
+                f"{ms[False]:.3f} ms plain, {ms[True]:.3f} ms graphs")
 
 
-@row("2 Runtime(build_plans='auto')")
+@row("2 Runtime(build_plans='auto'): plans built from ONNX, then read from the cache")
 def _build_plans():
-    raise Skip("not implemented yet (issue 17, item 2)")
+    need_trt_library()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, folder = _trt_folder(tmp, tensorrt="off")
+        try:
+            adadiff_rt.Runtime(str(folder), device="cuda", build_plans="never")
+            raise AssertionError("a folder without plans opened with build_plans='never'")
+        except RuntimeError as e:
+            assert "build_plans='never'" in str(e), e
+        t0 = time.perf_counter()
+        rt = adadiff_rt.Runtime(str(folder), device="cuda")
+        built_s = time.perf_counter() - t0
+        plans = sorted((folder / "tensorrt_cache").glob("*.plan"))
+        stamps = [p.stat().st_mtime_ns for p in plans]
+        x, t, y = inputs(model, 8, seed=5)
+        eps, layer, _ = rt.denoise(x, t, y, threshold=0.5)
+        ref_eps, ref_layer, _ = oracle(model, x, t, y, threshold=0.5)
+        np.testing.assert_array_equal(layer, ref_layer)
+        assert rt.sample(np.zeros((8, 1, 8, 8), np.float32), np.arange(8) % 10, steps=2,
+                         guidance=2.0)[1].shape == (2, 16)
+        t0 = time.perf_counter()
+        adadiff_rt.Runtime(str(folder), device="cuda")
+        again_s = time.perf_counter() - t0
+        assert [p.stat().st_mtime_ns for p in plans] == stamps, "the cached plans were built again"
+        return (f"{len(plans)} plans built in {built_s:.1f} s, reopened from the cache in {again_s:.1f} s; "
+                f"exit layers equal, eps rel err {rel_err(eps, ref_eps):.1e}; guided 2 x max_batch ran")
 
 
 if __name__ == "__main__":

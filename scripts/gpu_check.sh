@@ -12,8 +12,10 @@
 #    PyTorch oracle, torch CUDA tensors in and out, stream=, the device restored (the TensorRT plan
 #    checks themselves run in CI: tests/test_tensorrt_checks.py),
 # 3. prints the issue-17 table (scripts/gpu_check.py: one row per item, PASS / FAIL / SKIP and why:
-#    TensorRT parity and guided sampling at 2 x max_batch, a version mismatch refused,
-#    register-plans on trtexec plans and on a fake, device restore on a second GPU),
+#    TensorRT parity and guided sampling at 2 x max_batch, a version mismatch refused with
+#    build_plans='never' and rebuilt with 'auto', plans built from ONNX into the cache and read back,
+#    register-plans on trtexec plans and on a fake, CUDA graphs on and off giving the same images
+#    (with their timings), device restore on a second GPU),
 # 4. prints a short timing table: card, parity, and denoise timings on the GPU ("rt ms" is the
 #    DLPack engine, i.e. torch segments called from C++; "torch full ms" the plain full-depth forward).
 set -euo pipefail

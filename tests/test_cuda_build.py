@@ -102,3 +102,30 @@ def test_fatbin_parser_reads_entries():
     blob = struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, len(body)) + body
     assert fatbin_entries(b"\0" * 8 + blob) == [(KIND_SASS, 86), (KIND_PTX, 120)]
     assert expected("75-real,90,100-virtual") == ({75, 90}, {90, 100})
+
+
+def _nvcc():
+    import shutil
+    found = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    return found if Path(found).is_file() else None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc here: the TensorRT sources compile with CUDA's headers")
+def test_tensorrt_sources_compile_against_tensorrt_10_and_11(tmp_path):
+    """The TensorRT engine (plans, CUDA graphs) and the plan builder cannot run here (no TensorRT, no
+    GPU), but they must compile, warnings as errors, against the headers of both TensorRT lines a
+    user meets (10.16.1 and 11.1.0, vendored in third_party/tensorrt): 11 dropped the fp16 / bf16
+    builder flags, and a removed call would otherwise first fail on a user's GPU machine."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    build = tmp_path / "build"
+    configure = ["cmake", "-S", str(root), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DADADIFF_CUDA=ON",
+                 "-DADADIFF_OPENVINO=OFF", "-DADADIFF_TENSORRT=OFF", "-DADADIFF_PYTHON=OFF",
+                 "-DADADIFF_CUDA_ARCHITECTURES=90", f"-DCMAKE_CUDA_COMPILER={_nvcc()}"]
+    for cmd in (configure, ["cmake", "--build", str(build), "--target", "adadiff_tensorrt_check", "--parallel", "2"]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    objects = sorted(p.relative_to(build).as_posix() for p in build.rglob("tensorrt_*.cpp.o"))
+    assert len(objects) == 4, objects  # engine and builder, once per header set
+    assert {o.split("/")[1] for o in objects} == {"adadiff_tensorrt_check_1.dir", "adadiff_tensorrt_check_2.dir"}

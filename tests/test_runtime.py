@@ -517,6 +517,27 @@ def test_options_an_engine_cannot_honour_are_refused(folder_copy):
             adadiff_rt.Runtime(str(folder_copy), precision="fp16", **trt)
 
 
+def test_plan_building_and_cuda_graph_options_are_checked_first(folder_copy):
+    """build_plans and cuda_graphs (issue 17) are checked before any device or engine is touched: a
+    bad value, CUDA graphs asked of an engine without them, and a precision TensorRT cannot build the
+    plans in are refused with ValueError; a folder without plans and build_plans='never' with a
+    RuntimeError that says so (CI has neither GPU nor TensorRT, so these run before either is
+    needed)."""
+    trt = dict(device="cuda", engine="tensorrt")
+    for kw, error, message in [
+            (dict(build_plans="sometimes"), ValueError, "build_plans must be 'auto' or 'never', got 'sometimes'"),
+            (dict(cuda_graphs=True), ValueError, "cuda_graphs=True cannot be honoured by engine='openvino'"),
+            (dict(segments={}, cuda_graphs=True), ValueError, "cuda_graphs=True cannot be honoured by engine='dlpack'"),
+            (dict(trt, precision="int8"), ValueError,
+             "precision must be 'fp32', 'fp16' or 'bf16' for the TensorRT plans built here, got 'int8'"),
+            (dict(trt, precision="fp16", build_plans="never"), RuntimeError,
+             "no TensorRT plans .* and build_plans='never'")]:
+        with pytest.raises(error, match=message):
+            adadiff_rt.Runtime(str(folder_copy), **kw)
+    rt = adadiff_rt.Runtime(str(folder_copy), cuda_graphs=False, threads=1)
+    assert (rt.engine, rt.cuda_graphs, rt.graphs_captured) == ("openvino", False, 0)
+
+
 def test_huge_max_batch_fails_fast_naming_the_memory(folder_copy):
     """max_batch 10^7 used to make the runtime zero hundreds of GB until the OOM killer ended it:
     the runtime, and check_engines (verify), refuse it before allocating, naming what it needs
