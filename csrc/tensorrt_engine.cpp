@@ -130,16 +130,24 @@ struct GraphExecFree {
 };
 using GraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecFree>;
 
-// One captured enqueue: valid for the batch and the addresses it was captured with.
-struct Captured {
+// What one run bound: the batch and the tensor addresses (inputs then outputs).
+struct Binding {
   int batch = 0;
   std::vector<void*> bound;
+};
+
+// One captured enqueue: valid for the batch and the addresses it was captured with.
+struct Captured {
+  Binding key;
   GraphExec exec;
 };
 
-// Graphs kept per plan: the chained loop's ping-pong buffers give each layer a few address sets;
-// more than this means addresses that keep moving, where capturing costs more than it saves.
+// Graphs kept per plan: the chained loop's ping-pong buffers give each layer a few address sets.
 constexpr size_t kGraphsPerPlan = 8;
+// Graphs a plan may drop before it stops capturing: batches and addresses that keep changing (per-row
+// exit shrinking the batch layer by layer) would capture more than they replay, and a capture with
+// its instantiation costs far more than the enqueue it replaces.
+constexpr int kEvictionsBeforeGivingUp = 32;
 
 struct Plan {
   std::unique_ptr<nvinfer1::ICudaEngine> engine;
@@ -148,11 +156,12 @@ struct Plan {
   // the chained loop calls each segment with the same buffers step after step.
   int batch = -1;
   std::vector<void*> bound;  // inputs then outputs, manifest order
-  // CUDA graphs: the last plain run's batch and addresses (the warm-up a capture waits for).
-  int warm_batch = -1;
-  std::vector<void*> warm_bound;
+  // CUDA graphs: bindings run plainly once (the warm-up a capture waits for), the graphs captured,
+  // and how many were dropped for newer ones.
+  std::vector<Binding> warm;
   std::vector<Captured> graphs;
-  bool no_graphs = false;  // a capture failed: this plan runs plain from then on
+  int evicted = 0;
+  bool no_graphs = false;  // a capture failed, or bindings keep changing: this plan runs plain from then on
 };
 
 class TensorRtEngine final : public Engine {
@@ -225,14 +234,23 @@ class TensorRtEngine final : public Engine {
       p.bound[i] = ptr;
     }
     const cudaStream_t stream = static_cast<cudaStream_t>(ops_->stream());
-    if (graphs_ && !p.no_graphs) {
-      for (Captured& g : p.graphs)
-        if (g.batch == batch && g.bound == p.bound) return launch(s, g, stream);
-      if (p.warm_batch == batch && p.warm_bound == p.bound && capture(s, p, stream)) return;
+    if (!graphs_ || p.no_graphs) {
+      if (!p.context->enqueueV3(stream)) fail(s, "enqueueV3");
+      return;
+    }
+    // Compared in place: a key is copied (allocated) only on a binding's first runs, never on replay.
+    const auto same = [&](const Binding& b) { return b.batch == batch && b.bound == p.bound; };
+    for (Captured& g : p.graphs)
+      if (same(g.key)) return launch(s, g, stream);
+    const auto warm = std::find_if(p.warm.begin(), p.warm.end(), same);
+    if (warm != p.warm.end()) {
+      Binding key = std::move(*warm);
+      p.warm.erase(warm);
+      if (capture(s, p, std::move(key), stream)) return;
     }
     if (!p.context->enqueueV3(stream)) fail(s, "enqueueV3");
-    p.warm_batch = batch;
-    p.warm_bound = p.bound;
+    if (p.warm.size() == kGraphsPerPlan) p.warm.erase(p.warm.begin());
+    p.warm.push_back(Binding{batch, p.bound});
   }
 
  private:
@@ -253,7 +271,7 @@ class TensorRtEngine final : public Engine {
   // captured work has not run). False, with graphs off for this plan, where TensorRT or CUDA refuses:
   // the caller then enqueues plainly. ThreadLocal mode: other threads' CUDA calls (another Runtime,
   // torch) go on while this stream captures.
-  bool capture(const SegmentDesc& s, Plan& p, cudaStream_t stream) {
+  bool capture(const SegmentDesc& s, Plan& p, Binding key, cudaStream_t stream) {
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     std::string why;
@@ -270,16 +288,24 @@ class TensorRtEngine final : public Engine {
     if (!why.empty() || !exec) {
       (void)cudaGetLastError();  // a refused capture is not this stream's error from here on
       recorder_.clear();
-      p.no_graphs = true;
-      const std::string msg = "adadiff_rt: segment " + s.name + " runs without CUDA graphs: " + why;
-      tensorrt_log().add(int(nvinfer1::ILogger::Severity::kWARNING), msg.c_str());
+      stop_graphs(s, p, why);
       return false;
     }
-    if (p.graphs.size() == kGraphsPerPlan) p.graphs.erase(p.graphs.begin());
-    p.graphs.push_back(Captured{p.batch, p.bound, GraphExec(exec)});
+    if (p.graphs.size() == kGraphsPerPlan) {
+      p.graphs.erase(p.graphs.begin());
+      if (++p.evicted == kEvictionsBeforeGivingUp)
+        stop_graphs(s, p, "its batch and buffers changed more often than graphs could be reused");
+    }
+    p.graphs.push_back(Captured{std::move(key), GraphExec(exec)});
     ++captured_;
     launch(s, p.graphs.back(), stream);
     return true;
+  }
+
+  void stop_graphs(const SegmentDesc& s, Plan& p, const std::string& why) {
+    p.no_graphs = true;
+    const std::string msg = "adadiff_rt: segment " + s.name + " runs without CUDA graphs from now on: " + why;
+    tensorrt_log().add(int(nvinfer1::ILogger::Severity::kWARNING), msg.c_str());
   }
 
   // Before any plan is read: a plan from another TensorRT version or GPU fails deep inside
