@@ -293,6 +293,7 @@ def test_calibrate_stores_the_fitted_policies_in_the_manifest(built, tmp_path):
     assert m.exit.uem_time is not None and m.exit.threshold == fit.fits["uem"].policy.threshold
     assert {p.policy for p in m.calibration} == {"schedule", "uem-time", "uem"}
     assert all(p.budget == budget for p in m.calibration)
+    assert report.final_x0 is True and all(p.final_x0 is True for p in m.calibration)  # the sampler's ending, recorded
 
 
 def test_calibrate_checkpoint_writes_defaults_sample_uses(built, tmp_path):

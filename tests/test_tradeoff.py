@@ -58,8 +58,12 @@ def test_tradeoff_fits_measures_and_writes_every_policy(tiny_checkpoint, classif
     if timed:
         assert all(r["rt_ms"] > 0 for r in rec["rows"])
         assert (tmp_path / "out" / "tradeoff_time.png").exists()
-        # --retime measures the same rows again, quality untouched
-        assert main(args + ["--retime", "--repeats", "1"]) == 0
+        # --retime measures the same rows again, quality untouched; it refuses to time them with another last
+        # step than they were measured with (the flag used to be ignored), before any work
+        capsys.readouterr()
+        assert main(args + ["--retime", "--no-final-x0"]) == 2
+        assert "measured with --final-x0: drop --no-final-x0" in capsys.readouterr().err
+        assert main(args + ["--retime", "--repeats", "1", "--final-x0"]) == 0
         again = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
         assert [(r["name"], r["fd"]) for r in again["rows"]] == [(r["name"], r["fd"]) for r in rec["rows"]]
         assert all(r["rt_ms"] > 0 for r in again["rows"])

@@ -4,13 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
+def final_x0_flag(final_x0: bool) -> str:
+    """The flag that asks for `final_x0`, for messages."""
+    return "--final-x0" if final_x0 else "--no-final-x0"
 
-def add_final_x0_argument(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """`--final-x0 / --no-final-x0`, shared by every command that samples."""
-    p.add_argument("--final-x0", action=argparse.BooleanOptionalAction, default=True,
+
+def add_final_x0_argument(p: argparse.ArgumentParser, prefix: str = "", default: Optional[bool] = True) -> None:
+    """`--final-x0 / --no-final-x0`, shared by every command that samples. default None: the command
+    tells a flag given from one left out (None), and applies True itself."""
+    p.add_argument("--final-x0", action=argparse.BooleanOptionalAction, default=default,
                    help=prefix + "the last sampler step returns its x0 prediction instead of stepping to t_eps "
                         "(default; removes the ~1%% noise left there, as k-diffusion and DPM-Solver do: 3-7%% lower "
                         "FD on 1,000 samples). --no-final-x0: stop at t_eps and return x there, as the paper's "

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .sample import add_final_x0_argument
+from .sample import add_final_x0_argument, final_x0_flag
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="OpenVINO threads for the timings (0: its default)")
     p.add_argument("--classifier", type=Path, default=None, help="quality classifier (default: the shipped one)")
     p.add_argument("--out", type=Path, default=Path("tradeoff_out"), help="folder for the table, JSON and PNGs")
-    add_final_x0_argument(p, "calibration, evaluation and timing: ")
+    add_final_x0_argument(p, "calibration, evaluation and timing: ", default=None)
     p.add_argument("--retime", action="store_true",
                    help="only time again the rows of OUT/tradeoff.json (same policies and last sampler step, fitted "
                         "and measured before), "
@@ -63,6 +63,12 @@ def _cmd_tradeoff(a: argparse.Namespace) -> int:
     previous = a.out / "tradeoff.json"
     if a.retime and not previous.is_file():
         raise FileNotFoundError(f"--retime needs {previous} from an earlier tradeoff run")
+    res = load(previous) if a.retime else None
+    if res is not None and a.final_x0 is not None and a.final_x0 != res.final_x0:
+        raise ValueError(f"--retime times the runs {previous} holds, which were measured with "
+                         f"{final_x0_flag(res.final_x0)}: drop {final_x0_flag(a.final_x0)}, or run without --retime "
+                         f"to measure them again")
+    final_x0 = True if a.final_x0 is None else a.final_x0
     loaded = ckpt.load(a.checkpoint)
     depth = loaded.model.depth
     budgets_of(depth, saved)  # refuse bad budgets before any work
@@ -72,12 +78,11 @@ def _cmd_tradeoff(a: argparse.Namespace) -> int:
     if not a.no_time:
         path = a.checkpoint if a.checkpoint is not None else ckpt.SHIPPED_CHECKPOINT
         engines = ensure_engines(Path(path), a.engines, max_batch=a.time_batch, build_max_batch=64)
-    if a.retime:
-        res = load(previous)
+    if res is not None:
         retime(res, loaded, engines, a.time_batch, a.repeats, a.threads)
     else:
         res = run_tradeoff(loaded, engines, clf, saved, a.n, a.cal_samples, a.time_batch, a.repeats, a.threads,
-                           a.final_x0, log=lambda m: print(m, flush=True))
+                           final_x0, log=lambda m: print(m, flush=True))
     command = "python -m adadiff_export " + " ".join(shlex.quote(v) for v in sys.argv[1:])
     paths = write(res, a.out, depth, command)
     print(markdown(res, depth, command))

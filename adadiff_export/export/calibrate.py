@@ -56,7 +56,8 @@ def fit(loaded: Loaded, target_layers: Optional[float] = None, max_shift: Option
 def curve(report: CalibrationReport) -> List[CalibrationPoint]:
     """The manifest's `calibration` entries: every fitted policy at every budget."""
     return [CalibrationPoint(policy=kind, budget=b.budget, mean_layers=round(f.mean_layers, 4), shift=float(f"{f.j:.6g}"),
-                             threshold=f.policy.threshold if kind in ("uem", "saturation") else None)
+                             threshold=f.policy.threshold if kind in ("uem", "saturation") else None,
+                             final_x0=report.final_x0)
             for b in report.budgets for kind, f in b.fits.items()]
 
 

@@ -122,6 +122,9 @@ class CalibrationPoint:
     threshold: Optional[float] = None
     mse: Optional[float] = None
     fd: Optional[float] = None
+    # The calibration samples' last step: True, x0 prediction; False, x at t_eps; None, calibrated before
+    # the field existed (at t_eps).
+    final_x0: Optional[bool] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
