@@ -7,10 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # CI has no locale: tqdm and the CLIs print UTF-8.
 export LANG=C.UTF-8 PYTHONIOENCODING=utf-8
+# Each stage's wall time, printed at the end: CI must stay under 20 minutes, and this says where they go.
+STAGES=()
+stage_done() { STAGES+=("$1 $((SECONDS - STAGE_START)) s"); STAGE_START=$SECONDS; }
+trap 'echo "stages: ${STAGES[*]:-none finished}"' EXIT
+STAGE_START=$SECONDS
 bash scripts/setup.sh
+stage_done setup
 
 # Run from a folder outside the checkout's build dirs so `import adadiff_rt` finds the installed module.
-ADADIFF_RT_REQUIRED=1 python -m pytest -q -rs tests
+ADADIFF_RT_REQUIRED=1 python -m pytest -q -rs --durations=5 tests
+stage_done tests
 
 # The C++ user's path (about a minute): the library installed alone, examples/cpp built against it
 # with find_package(adadiff_rt) and run on the tiny engines folder the runtime tests built (found in
@@ -22,6 +29,7 @@ from runtime_engines import onnx_engines
 from test_runtime import MAX_BATCH
 print(onnx_engines(Path('.pytest_cache/d/adadiff_rt_engines'), tiny_model(uem_gain=20.0), MAX_BATCH))")
 bash scripts/cpp_example.sh "$ENGINES"
+stage_done cpp-example
 
 if [ "${ADADIFF_SKIP_SANITIZE:-0}" != "1" ]; then
   OV=$(python -c "import openvino,os;print(os.path.dirname(openvino.__file__))")/cmake
@@ -34,4 +42,5 @@ if [ "${ADADIFF_SKIP_SANITIZE:-0}" != "1" ]; then
   ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   PYTHONPATH="$PWD/build/asan/lib" ADADIFF_RT_REQUIRED=1 \
     python -m pytest -q tests/test_runtime.py tests/test_runtime_dlpack.py
+  stage_done sanitizers
 fi
