@@ -282,7 +282,8 @@ class TensorRtEngine final : public Engine {
       const cudaError_t end = cudaStreamEndCapture(stream, &graph);  // always: the stream leaves capture mode
       if (!ok) why = "enqueueV3 under capture: " + last_error("no error recorded");
       else if (end != cudaSuccess) why = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(end);
-      else if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) why = "cudaGraphInstantiate";
+      // WithFlags: one signature from CUDA 11.4 to 13 (plain cudaGraphInstantiate changed its own in 12).
+      else if (cudaGraphInstantiateWithFlags(&exec, graph, 0) != cudaSuccess) why = "cudaGraphInstantiateWithFlags";
     }
     if (graph) cudaGraphDestroy(graph);
     if (!why.empty() || !exec) {
