@@ -44,6 +44,6 @@ if [ "${ADADIFF_SKIP_SANITIZE:-0}" != "1" ]; then
   LD_PRELOAD="$PWD/build/asan/libno_deepbind.so $(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
   ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   PYTHONPATH="$PWD/build/asan/lib" ADADIFF_RT_REQUIRED=1 \
-    python -m pytest -q tests/test_runtime.py tests/test_runtime_dlpack.py
+    python -m pytest -q tests/test_runtime.py tests/test_runtime_refusals.py tests/test_runtime_dlpack.py
   stage_done sanitizers
 fi
