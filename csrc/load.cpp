@@ -42,6 +42,11 @@ std::string choose_engine(const Manifest& m, const RuntimeOptions& o, bool calle
   if (kind == "tensorrt" && o.device != "cuda") invalid("engine='tensorrt' runs on device='cuda' only");
   if (o.build_plans != "auto" && o.build_plans != "never")
     invalid("build_plans must be 'auto' or 'never', got '" + o.build_plans + "'");
+  // Known from the manifest alone, so refused before any device is touched (plans_to_build decides
+  // the rest, which needs the GPU: another TensorRT version or compute capability).
+  if (kind == "tensorrt" && !m.tensorrt.present && o.build_plans == "never")
+    throw std::runtime_error("engine='tensorrt': the engines folder has no TensorRT plans (manifest \"tensorrt\" is "
+                             "null) and build_plans='never'");
   if (kind != "tensorrt" && o.cuda_graphs.value_or(false))
     invalid("cuda_graphs=True cannot be honoured by engine='" + kind + "': CUDA graphs replay TensorRT plans " +
             "(leave it unset)");
@@ -57,9 +62,6 @@ std::string choose_engine(const Manifest& m, const RuntimeOptions& o, bool calle
             "precision (leave precision unset)");
   if (kind == "tensorrt") {
     if (!m.tensorrt.present) {
-      if (o.build_plans == "never")
-        throw std::runtime_error("engine='tensorrt': the engines folder has no TensorRT plans (manifest \"tensorrt\" is "
-                                 "null) and build_plans='never'");
       if (p != "fp32" && p != "fp16" && p != "bf16")
         invalid("precision must be 'fp32', 'fp16' or 'bf16' for the TensorRT plans built here, got '" + p + "'");
     } else if (p != m.tensorrt.precision)
@@ -71,10 +73,13 @@ std::string choose_engine(const Manifest& m, const RuntimeOptions& o, bool calle
 }
 
 // Rows the Runtime's buffers hold with engine `kind` (Runtime's constructor: 2 x max_batch, capped
-// by the engine's own largest batch, which for TensorRT is its plans' profile).
-int capacity_for(const Manifest& m, const std::string& kind) {
+// by the engine's own largest batch, which for TensorRT is its plans' profile: the plans to be built
+// when `build` is given, else the folder's).
+int capacity_for(const Manifest& m, const std::string& kind, const std::optional<PlanBuildRequest>& build = {}) {
   const int rows = 2 * m.max_batch;
-  return kind == "tensorrt" && m.tensorrt.present ? std::min(rows, m.tensorrt.profile_max) : rows;
+  if (kind != "tensorrt") return rows;
+  if (build) return std::min(rows, build->profile_max);
+  return m.tensorrt.present ? std::min(rows, m.tensorrt.profile_max) : rows;
 }
 
 // Where plans built on this machine go (RuntimeOptions::cache_dir).
@@ -178,7 +183,7 @@ std::unique_ptr<Runtime> open_runtime(const std::string& dir, const RuntimeOptio
   // Before anything is built: whether TensorRT plans must be, which fixes the capacity.
   std::optional<PlanBuildRequest> build;
   if (kind == "tensorrt" && tensorrt_compiled()) build = plans_to_build(m, o);
-  const int capacity = build ? std::min(2 * m.max_batch, build->profile_max) : capacity_for(m, kind);
+  const int capacity = capacity_for(m, kind, build);
   // Before an engine compiles: OpenVINO's compile takes seconds (TensorRT's plan builds minutes), and
   // the answer does not depend on it.
   memory_check(m, capacity, *ops);

@@ -155,19 +155,14 @@ std::string tensorrt_plans_problem(const Manifest& m, int device_id) {
   for (const SegmentDesc& s : m.segments)
     if (s.kind != "full" && !m.tensorrt.plans.count(s.name))
       return "manifest.json's tensorrt.plans has no plan for segment " + s.name;
-  std::string gpu;
-  const std::string arch = trt::gpu_arch(device_id, &gpu);
-  int major = 0, minor = 0;
-  parse_gpu_arch(arch, major, minor);
-  const std::string problem = plan_target_problem(m.tensorrt, getInferLibVersion(), major, minor);
-  return problem.empty() ? problem : problem + " (GPU " + gpu + ")";
+  return trt::target_problem(m.tensorrt, trt::gpu(device_id));
 }
 
 TensorRtDesc tensorrt_cached_plans(const Manifest& m, const PlanBuildRequest& r) {
   TensorRtDesc t;
   t.present = true;
   t.version = trt::version_string();
-  t.gpu_arch = trt::gpu_arch(r.device_id);
+  t.gpu_arch = trt::gpu(r.device_id).arch();
   t.precision = r.precision;
   t.profile_min = r.profile_min;
   t.profile_opt = r.profile_opt;

@@ -66,8 +66,18 @@ inline bool read_file(const std::string& path, std::vector<char>& blob) {
 
 // "10.16.1": the running TensorRT's version as manifests record it.
 std::string version_string();
-// "sm_90": the compute capability of GPU `device_id`; throws naming the CUDA error.
-std::string gpu_arch(int device_id, std::string* gpu_name = nullptr);
+// GPU `device_id` as plans see it; throws naming the CUDA error.
+struct Gpu {
+  std::string name;
+  int major = 0, minor = 0;  // compute capability
+  std::string arch() const { return "sm_" + std::to_string(major) + std::to_string(minor); }  // as manifests record it
+};
+Gpu gpu(int device_id);
+
+// Why plans described by `t` cannot run with the linked TensorRT on `g` (plan_target_problem, the
+// GPU named); "" when they can. The engine's check before loading and the runtime's decision to
+// build plans both ask it.
+std::string target_problem(const TensorRtDesc& t, const Gpu& g);
 
 }  // namespace trt
 }  // namespace adadiff

@@ -69,12 +69,16 @@ std::string version_string() {
   return std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100);
 }
 
-std::string gpu_arch(int device_id, std::string* gpu_name) {
+Gpu gpu(int device_id) {
   cudaDeviceProp prop{};
   const cudaError_t e = cudaGetDeviceProperties(&prop, device_id);
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA: cudaGetDeviceProperties: ") + cudaGetErrorString(e));
-  if (gpu_name) *gpu_name = prop.name;
-  return "sm_" + std::to_string(prop.major) + std::to_string(prop.minor);
+  return Gpu{prop.name, prop.major, prop.minor};
+}
+
+std::string target_problem(const TensorRtDesc& t, const Gpu& g) {
+  const std::string problem = plan_target_problem(t, getInferLibVersion(), g.major, g.minor);
+  return problem.empty() ? problem : problem + " (GPU " + g.name + ")";
 }
 
 }  // namespace trt
@@ -132,8 +136,9 @@ using GraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphE
 
 // What one run bound: the batch and the tensor addresses (inputs then outputs).
 struct Binding {
-  int batch = 0;
+  int batch = -1;
   std::vector<void*> bound;
+  bool operator==(const Binding& o) const { return batch == o.batch && bound == o.bound; }
 };
 
 // One captured enqueue: valid for the batch and the addresses it was captured with.
@@ -153,9 +158,9 @@ struct Plan {
   std::unique_ptr<nvinfer1::ICudaEngine> engine;
   std::unique_ptr<nvinfer1::IExecutionContext> context;
   // What the context was last given: shapes and addresses are set only when they change, since
-  // the chained loop calls each segment with the same buffers step after step.
-  int batch = -1;
-  std::vector<void*> bound;  // inputs then outputs, manifest order
+  // the chained loop calls each segment with the same buffers step after step. Also the key of
+  // the CUDA graph that replays this run.
+  Binding now;
   // CUDA graphs: bindings run plainly once (the warm-up a capture waits for), the graphs captured,
   // and how many were dropped for newer ones.
   std::vector<Binding> warm;
@@ -216,22 +221,22 @@ class TensorRtEngine final : public Engine {
                                " is outside the plan's profile " + std::to_string(t_.profile_min) + ".." +
                                std::to_string(t_.profile_max));
     recorder_.clear();
-    if (batch != p.batch) {
-      p.batch = -1;  // a failure half way leaves shapes unknown
+    if (batch != p.now.batch) {
+      p.now.batch = -1;  // a failure half way leaves shapes unknown
       for (const TensorDesc& t : s.inputs) {
         if (!p.context->setInputShape(t.name.c_str(), trt::dims_at(t, batch))) fail(s, "setInputShape(" + t.name + ", " + t.shape_str(batch) + ")");
       }
-      p.batch = batch;
+      p.now.batch = batch;
     }
     // Chaining: segment k's output buffer is bound as segment k+1's input address, no copies.
     const size_t n_in = s.inputs.size();
     for (size_t i = 0; i < n_in + s.outputs.size(); ++i) {
       void* ptr = i < n_in ? in[i] : out[i - n_in];
-      if (p.bound[i] == ptr) continue;
+      if (p.now.bound[i] == ptr) continue;
       const std::string& name = i < n_in ? s.inputs[i].name : s.outputs[i - n_in].name;
-      p.bound[i] = nullptr;
+      p.now.bound[i] = nullptr;
       if (!p.context->setTensorAddress(name.c_str(), ptr)) fail(s, "setTensorAddress(" + name + ")");
-      p.bound[i] = ptr;
+      p.now.bound[i] = ptr;
     }
     const cudaStream_t stream = static_cast<cudaStream_t>(ops_->stream());
     if (!graphs_ || p.no_graphs) {
@@ -239,10 +244,9 @@ class TensorRtEngine final : public Engine {
       return;
     }
     // Compared in place: a key is copied (allocated) only on a binding's first runs, never on replay.
-    const auto same = [&](const Binding& b) { return b.batch == batch && b.bound == p.bound; };
     for (Captured& g : p.graphs)
-      if (same(g.key)) return launch(s, g, stream);
-    const auto warm = std::find_if(p.warm.begin(), p.warm.end(), same);
+      if (g.key == p.now) return launch(s, g, stream);
+    const auto warm = std::find(p.warm.begin(), p.warm.end(), p.now);
     if (warm != p.warm.end()) {
       Binding key = std::move(*warm);
       p.warm.erase(warm);
@@ -250,7 +254,7 @@ class TensorRtEngine final : public Engine {
     }
     if (!p.context->enqueueV3(stream)) fail(s, "enqueueV3");
     if (p.warm.size() == kGraphsPerPlan) p.warm.erase(p.warm.begin());
-    p.warm.push_back(Binding{batch, p.bound});
+    p.warm.push_back(p.now);
   }
 
  private:
@@ -312,14 +316,10 @@ class TensorRtEngine final : public Engine {
   // Before any plan is read: a plan from another TensorRT version or GPU fails deep inside
   // deserializeCudaEngine (or worse, not at all until a kernel is missing); say so up front.
   void check_target() const {
-    std::string gpu;
-    const std::string arch = trt::gpu_arch(ops_->device_id(), &gpu);
-    int major = 0, minor = 0;
-    parse_gpu_arch(arch, major, minor);
-    const std::string problem = plan_target_problem(t_, getInferLibVersion(), major, minor);
+    const std::string problem = trt::target_problem(t_, trt::gpu(ops_->device_id()));
     if (!problem.empty())
       throw std::runtime_error("TensorRT plans " + std::string(cached_ ? "in the plan cache" : "in " + m_.dir) +
-                               " cannot run here: " + problem + " (GPU " + gpu + "). Let the runtime build them " +
+                               " cannot run here: " + problem + ". Let the runtime build them " +
                                "here (build_plans='auto'), or run trtexec.sh in the folder and then python -m " +
                                "adadiff_export register-plans " + m_.dir);
   }
@@ -343,7 +343,7 @@ class TensorRtEngine final : public Engine {
     p.context.reset(p.engine->createExecutionContext(nvinfer1::ExecutionContextAllocationStrategy::kUSER_MANAGED));
     if (!p.context)
       throw std::runtime_error("TensorRT: createExecutionContext failed for " + s.name + ": " + last_error("no error recorded"));
-    p.bound.assign(s.inputs.size() + s.outputs.size(), nullptr);
+    p.now.bound.assign(s.inputs.size() + s.outputs.size(), nullptr);
   }
 
   Manifest m_;

@@ -53,10 +53,15 @@ def need_gpu():
         raise Skip("no CUDA GPU" if adadiff_rt.has_cuda else "adadiff_rt built without CUDA")
 
 
-def need_trt():
+def need_trt_library():
     need_gpu()
     if not adadiff_rt.has_tensorrt:
-        raise Skip("adadiff_rt built without TensorRT (NvInfer.h / libnvinfer not found)")
+        raise Skip("adadiff_rt built without TensorRT (NvInfer.h / libnvinfer / libnvonnxparser not found)")
+
+
+def need_trt():
+    """TensorRT in adadiff_rt and the `tensorrt` Python package (the exporter builds plans with it)."""
+    need_trt_library()
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -183,12 +188,6 @@ def _register():
         except RegisterError as e:
             return f"registered and ran; fake head.plan: {str(e)[:60]}..."
         raise AssertionError("a fake plan was registered")
-
-
-def need_trt_library():
-    need_gpu()
-    if not adadiff_rt.has_tensorrt:
-        raise Skip("adadiff_rt built without TensorRT (NvInfer.h / libnvinfer / libnvonnxparser not found)")
 
 
 def _mean_ms(fn, n=200):

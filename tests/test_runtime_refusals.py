@@ -252,7 +252,8 @@ def test_plan_building_and_cuda_graph_options_are_checked_first(folder_copy):
             (dict(trt, precision="int8"), ValueError,
              "precision must be 'fp32', 'fp16' or 'bf16' for the TensorRT plans built here, got 'int8'"),
             (dict(trt, precision="fp16", build_plans="never"), RuntimeError,
-             "no TensorRT plans .* and build_plans='never'")]:
+             "no TensorRT plans .* and build_plans='never'"),
+            (dict(trt, build_plans="never"), RuntimeError, "no TensorRT plans .* and build_plans='never'")]:
         with pytest.raises(error, match=message):
             adadiff_rt.Runtime(str(folder_copy), **kw)
     rt = adadiff_rt.Runtime(str(folder_copy), cuda_graphs=False, threads=1)
